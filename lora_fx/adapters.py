@@ -1,0 +1,144 @@
+"""Adapter tensors: creation, initialisation, PEFT key names, strict loading.
+
+An `AdapterSet` owns, per adapted layer, the variant's tensors (trainable `nn.Parameter`s) and a
+0-d scaling tensor. Compiled graphs read both as inputs, so copying new values in (another
+adapter of the same shapes, a new alpha, scale 0 to disable) never recompiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import variants
+from .config import LoraConfig
+from .errors import AdapterFileError
+from .rules import Resolved
+
+PEFT_PREFIX = "base_model.model."
+SCALING_KEY = "lora_scaling"
+
+
+@dataclass
+class AdapterEntry:
+    resolved: Resolved
+    variant: variants.Variant
+    tensors: dict[str, nn.Parameter]
+    scaling: torch.Tensor  # 0-d fp32; a graph input like the weights
+
+    @property
+    def name(self) -> str:
+        return self.resolved.layer.name
+
+
+def adapter_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """PEFT's `autocast_adapter_dtype`: half-precision bases get fp32 adapters."""
+    if requested is not None:
+        return requested
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+class AdapterSet:
+    """The adapters of one model, keyed by layer name.
+
+    Example:
+        >>> from lora_fx.layers import LayerInfo
+        >>> from lora_fx.rules import resolve
+        >>> cfg = LoraConfig(r=2, target_modules=["fc"])
+        >>> aset = AdapterSet.create(cfg, resolve([LayerInfo("fc", "linear", 4, 3)], cfg))
+        >>> sorted(aset.peft_state_dict())
+        ['base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight']
+    """
+
+    def __init__(self, cfg: LoraConfig):
+        self.cfg = cfg
+        self.entries: dict[str, AdapterEntry] = {}
+
+    @classmethod
+    def create(cls, cfg: LoraConfig, resolved: dict[str, Resolved], *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None, generator: torch.Generator | None = None) -> AdapterSet:
+        aset = cls(cfg)
+        aset.add(resolved, dtype=dtype, device=device, generator=generator)
+        return aset
+
+    def add(self, resolved: dict[str, Resolved], *, dtype=None, device=None, generator=None) -> list[str]:
+        """Create adapters for the layers not yet present; return their names."""
+        variant = variants.variant_for(self.cfg)
+        added = []
+        for name, res in resolved.items():
+            if name in self.entries:
+                continue
+            variant.check(res, self.cfg)
+            dt = adapter_dtype(res.layer.weight_dtype, dtype)
+            dev = device if device is not None else res.layer.weight_device
+            tensors = {key: nn.Parameter(torch.empty(spec.shape, dtype=dt, device=dev),
+                                         requires_grad=spec.trainable)
+                       for key, spec in variant.tensors(res, self.cfg).items()}
+            if str(dev) != "meta":
+                variant.init(tensors, res, self.cfg, generator)
+            scaling = torch.tensor(res.scaling, dtype=torch.float32, device=dev)
+            self.entries[name] = AdapterEntry(res, variant, tensors, scaling)
+            added.append(name)
+        return added
+
+    # -- views -------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """`(layer.key, tensor)` for every trainable adapter tensor."""
+        for name, entry in self.entries.items():
+            for key, t in entry.tensors.items():
+                if t.requires_grad:
+                    yield f"{name}.{key}", t
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [t for _, t in self.named_parameters()]
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under the keys `PeftModel.save_pretrained` writes."""
+        return {f"{PEFT_PREFIX}{name}.{key}": t.detach()
+                for name, entry in self.entries.items() for key, t in entry.tensors.items()}
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "adapter",
+                             strict_extra: bool = True) -> set[str]:
+        """Copy `state` into the adapters (in place: compiled graphs see it without recompiling).
+
+        Every adapter tensor must be present with its exact shape. Keys for layers this set
+        does not have are an error when `strict_extra`, else returned.
+
+        Raises:
+            AdapterFileError: naming the missing / unexpected / mis-shaped key.
+        """
+        own = {f"{PEFT_PREFIX}{name}.{key}": t
+               for name, entry in self.entries.items() for key, t in entry.tensors.items()}
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise AdapterFileError(f"{source}: missing adapter key {missing[0]!r}"
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = {k for k in state if k not in own}
+        if extra and strict_extra:
+            first = sorted(extra)[0]
+            raise AdapterFileError(
+                f"{source}: unexpected key {first!r}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                + "; the config's target rules select no such layer in this model")
+        for key, t in own.items():
+            src = state[key]
+            if tuple(src.shape) != tuple(t.shape):
+                raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(src.shape)}, "
+                                       f"the model needs {tuple(t.shape)}")
+        with torch.no_grad():
+            for key, t in own.items():
+                if t.device.type != "meta":
+                    t.copy_(state[key])
+        return extra
+
+    def resolved_target_names(self) -> list[str]:
+        return list(self.entries)

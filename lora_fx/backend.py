@@ -1,0 +1,263 @@
+"""`lora_fx.backend(spec)`: a `torch.compile` backend that injects adapters into Dynamo's graph.
+
+Per graph Dynamo hands over: copy it, find the sites, append one placeholder per adapter tensor
+(and per 0-d scaling), inject the variant subgraphs, compile with the inner backend, and return
+a callable that feeds the current adapter tensors after Dynamo's own arguments. Adapter values
+can therefore change (training, `load_adapter`, `set_scale`) with zero recompiles, and
+gradients flow to them through AOTAutograd like to any input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AdapterFileError, ConfigError, LoraFxError
+from .graph_builder import graph_fake_mode
+from .io import is_adapter_dir, read_adapter_dir, write_adapter_dir
+from .layers import layers_of_module, output_layer_names
+from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers
+from .passes.inject_adapters import inject_adapters, sanitize
+from .rules import resolve
+
+Spec = LoraConfig | str | os.PathLike
+
+
+def read_spec(spec: Spec) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
+    """A `LoraConfig` (fresh adapter) or a PEFT adapter directory (config + weights)."""
+    if isinstance(spec, LoraConfig):
+        return spec, None
+    if isinstance(spec, (str, os.PathLike)):
+        if not is_adapter_dir(spec):
+            raise AdapterFileError(f"adapter directory {os.fspath(spec)!r} does not exist")
+        return read_adapter_dir(spec)
+    raise ConfigError(f"spec must be a LoraConfig or a PEFT adapter directory, got {type(spec).__name__}")
+
+
+def config_to_save(cfg: LoraConfig, adapters: AdapterSet) -> dict[str, Any]:
+    """The config as PEFT saves it: `"all-linear"` expanded to the layer names it chose."""
+    data = cfg.to_peft_dict()
+    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR:
+        data["target_modules"] = sorted(adapters.resolved_target_names())
+    return data
+
+
+def _inner_backend(inner: str | Callable) -> Callable:
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(inner)
+
+
+class LoraBackend:
+    """The object `lora_fx.backend(spec)` returns; pass it as `torch.compile(..., backend=)`.
+
+    Args:
+        spec: a `LoraConfig` or the path of a PEFT adapter directory.
+        inner: the backend that compiles the rewritten graph: "inductor" (default),
+            "aot_eager", any registered name, or a callable `(gm, example_inputs) -> fn`.
+        adapter_dtype: dtype of the adapter tensors (default: fp32 for a half-precision base,
+            else the base weight's dtype).
+
+    Example:
+        >>> import torch, lora_fx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=["0"]), inner="aot_eager")
+        >>> opt = torch.optim.AdamW(lora.parameters(model), lr=1e-3)   # before the first call
+        >>> fast = torch.compile(model, backend=lora, fullgraph=True)
+        >>> fast(torch.randn(3, 8)).sum().backward(); opt.step()
+    """
+
+    def __init__(self, spec: Spec, *, inner: str | Callable = "inductor", adapter_dtype: torch.dtype | None = None):
+        self.config, self._pending = read_spec(spec)
+        self.adapters = AdapterSet(self.config)
+        self.adapter_dtype = adapter_dtype
+        self._inner = _inner_backend(inner)
+        self._model: nn.Module | None = None
+        self.graphs_compiled = 0
+
+    # -- setup -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> LoraBackend:
+        """Create the adapters for `model` now (so an optimizer can hold them before the first
+        compiled call), freeze its base weights, and follow its train/eval mode for dropout."""
+        if self._model is model:
+            return self
+        if self._model is not None:
+            raise LoraFxError("this backend is already attached to another model; make one backend per model")
+        resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
+        self.adapters.add(resolved, dtype=self.adapter_dtype)
+        if self._pending is not None:
+            self.adapters.load_peft_state_dict(self._pending, source="adapter directory")
+            self._pending = None
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._base_trainable(name, resolved))
+        self._model = model
+        return self
+
+    def _base_trainable(self, param_name: str, resolved) -> bool:
+        bias = self.config.bias
+        if bias == "all":
+            return "bias" in param_name
+        if bias == "lora_only":
+            owner, _, leaf = param_name.rpartition(".")
+            return leaf == "bias" and owner in resolved
+        return False
+
+    def parameters(self, model: nn.Module | None = None) -> list[nn.Parameter]:
+        """The trainable tensors: adapters (and base biases per `bias=`). With `model`, attach
+        to it first."""
+        if model is not None:
+            self.attach(model)
+        params = self.adapters.parameters()
+        if self._model is not None and self.config.bias != "none":
+            params += [p for p in self._model.parameters() if p.requires_grad]
+        return params
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.adapters.named_parameters()
+
+    # -- adapter values ----------------------------------------------------------------------
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        """Write a PEFT adapter directory (`PeftModel.from_pretrained` reads it)."""
+        if not len(self.adapters):
+            raise LoraFxError("no adapters yet: call lora.parameters(model) or run the compiled model first")
+        write_adapter_dir(path, config_to_save(self.config, self.adapters), self.adapters.peft_state_dict())
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Copy another adapter of the same shapes in place; compiled code is reused as is."""
+        cfg, tensors = read_adapter_dir(path)
+        self.adapters.load_peft_state_dict(tensors, source=os.fspath(path))
+        self.set_alpha(cfg)
+
+    def set_alpha(self, cfg: LoraConfig) -> None:
+        """Recompute every layer's scaling from `cfg`'s alpha / rank / rsLoRA settings."""
+        from .rules import pattern_key
+
+        for name, entry in self.adapters.entries.items():
+            ak = pattern_key(cfg.alpha_pattern, name)
+            alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.lora_alpha
+            entry.scaling.fill_(cfg.scaling_for(entry.resolved.r, alpha))
+
+    def set_scale(self, factor: float) -> None:
+        """Multiply every layer's configured scaling by `factor` (0 disables the adapters)."""
+        for entry in self.adapters.entries.values():
+            entry.scaling.fill_(entry.resolved.scaling * factor)
+
+    # -- the backend -------------------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        site_nodes = find_targets(gm)
+        if self._model is None:
+            self._adopt_sites(site_nodes)
+        self._check_shapes(site_nodes)
+        if not any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes):
+            return self._compile(gm, list(example_inputs))
+        # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
+        # reads `self.training` itself: follow the attached model's mode at call time, compiling
+        # a graph per mode the first time that mode is seen (at most two, ever).
+        follow_mode = self._model is not None and self.config.lora_dropout > 0
+        mode = bool(self._model.training) if follow_mode else False
+        compiled = {mode: self._build_and_compile(gm, list(example_inputs), mode)}
+
+        def run(*args):
+            m = bool(self._model.training) if follow_mode else mode
+            if m not in compiled:
+                compiled[m] = self._build_and_compile(gm, list(args), m)
+            fn, feeds = compiled[m]
+            return fn(*args, *[_feed(entry, key) for entry, key in feeds])
+
+        return run
+
+    def _compile(self, gm, example_inputs):
+        self.graphs_compiled += 1
+        return self._inner(gm, example_inputs)
+
+    def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], training: bool):
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gm.graph, {}))  # Dynamo still reads its own graph after us
+        work = fx.GraphModule(gm, graph)
+        site_nodes = find_targets(work)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        feeds: list[tuple[AdapterEntry, str]] = []
+        fake_mode = graph_fake_mode(graph)
+        cache: dict[tuple[str, str], fx.Node] = {}
+        last = [placeholders[-1]]
+
+        def provide(entry: AdapterEntry, key: str) -> fx.Node:
+            if (entry.name, key) not in cache:
+                with graph.inserting_after(last[0]):
+                    node = graph.placeholder(f"lora_{sanitize(entry.name)}_{sanitize(key)}")
+                tensor = _feed(entry, key)
+                if fake_mode is not None:
+                    node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+                    node.meta["example_value"] = node.meta["val"]
+                last[0] = node
+                cache[entry.name, key] = node
+                feeds.append((entry, key))
+            return cache[entry.name, key]
+
+        inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders)
+        # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
+        work = fx.GraphModule(work, graph)
+        fn = self._compile(work, example_inputs + [_feed(entry, key) for entry, key in feeds])
+        return fn, feeds
+
+    def _adopt_sites(self, site_nodes: list[fx.Node]) -> None:
+        """No model attached: create (or load) adapters for the layers this graph holds."""
+        layers = site_layers(site_nodes)
+        resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
+                           require_match=not len(self.adapters))
+        added = self.adapters.add(resolved, dtype=self.adapter_dtype)
+        if self._pending is not None and added:
+            sub = AdapterSet(self.config)
+            sub.entries = {name: self.adapters.entries[name] for name in added}
+            prefixes = tuple(f"base_model.model.{name}." for name in added)
+            mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes)}
+            sub.load_peft_state_dict(mine, source="adapter directory")
+
+    def _check_shapes(self, site_nodes: list[fx.Node]) -> None:
+        for node in site_nodes:
+            layer = node.meta[SITE_KEY].layer
+            entry = self.adapters.entries.get(layer.name)
+            if entry is None:
+                continue
+            have = entry.resolved.layer
+            if (have.in_features, have.out_features, have.kind) != (layer.in_features, layer.out_features,
+                                                                     layer.kind):
+                raise LoraFxError(
+                    f"{layer.name}: the compiled graph has a {layer.kind} ({layer.in_features} -> "
+                    f"{layer.out_features}) but the adapter was made for a {have.kind} ({have.in_features} -> "
+                    f"{have.out_features})")
+
+
+def _feed(entry: AdapterEntry, key: str) -> torch.Tensor:
+    return entry.scaling if key == SCALING_KEY else entry.tensors[key]
+
+
+def backend(spec: Spec, **kwargs) -> LoraBackend:
+    """Make a `torch.compile` backend that adds LoRA adapters to the compiled model.
+
+    Args:
+        spec: a `LoraConfig` (new adapter) or a PEFT adapter directory (config + weights).
+        **kwargs: see `LoraBackend`.
+
+    Example:
+        >>> import torch, lora_fx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"]), inner="aot_eager")
+        >>> y = torch.compile(model, backend=lora, fullgraph=True)(torch.randn(2, 8))
+        >>> sorted(name for name, _ in lora.named_parameters())
+        ['0.lora_A.weight', '0.lora_B.weight']
+    """
+    return LoraBackend(spec, **kwargs)

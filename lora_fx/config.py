@@ -1,0 +1,223 @@
+"""`LoraConfig`: PEFT's field names and meanings, read from and written to `adapter_config.json`.
+
+Fields for variants lora_fx does not implement yet are accepted in the file format but raise
+`UnsupportedFeatureError` when set to a non-default value: a config is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, UnsupportedFeatureError
+
+ALL_LINEAR = "all-linear"
+
+# Keys PEFT writes that do not change what the adapter computes.
+_INERT_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config",
+}
+
+# Keys whose non-default value selects a feature lora_fx does not implement yet: (default test, issue).
+_NOT_YET = {
+    "use_dora": "DoRA",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "aLoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "target_parameters": "raw-parameter targets (target_parameters)",
+    "modules_to_save": "modules_to_save",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "megatron_config": "Megatron parallel layers",
+    "eva_config": "EVA initialisation",
+    "corda_config": "CorDA initialisation",
+    "lora_ga_config": "LoRA-GA initialisation",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "target_modules_to_tie": "target_modules_to_tie",
+    "modules_to_tie": "modules_to_tie",
+}
+
+_INIT_MODES = (True, False, "gaussian")
+
+
+def _is_default(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA adapter configuration with PEFT's field names and semantics.
+
+    Args:
+        r: Rank of the update `B @ A`.
+        lora_alpha: Scaling numerator; the update is scaled by `lora_alpha / r`
+            (or `lora_alpha / sqrt(r)` with `use_rslora`).
+        target_modules: Module names to adapt. A list matches a name exactly or as a dotted
+            suffix; a string is a full-match regex; `"all-linear"` means every Linear / GPT-2
+            Conv1D except the output layer.
+        exclude_modules: Names (list: exact or suffix) or regex (string) never adapted.
+        lora_dropout: Dropout on the adapter input, applied in training mode only.
+        fan_in_fan_out: PEFT's flag for weights stored as (in, out); GPT-2 Conv1D always is.
+        bias: `"none"`, `"all"` or `"lora_only"`: which base biases train with the adapter.
+        use_rslora: Scale by `lora_alpha / sqrt(r)`.
+        init_lora_weights: `True` (A Kaiming-uniform, B zero), `"gaussian"` (A ~ N(0, 1/r)),
+            or `False` (both random: the adapter is not a no-op; for tests).
+        layers_to_transform: Layer indices (int or list) to adapt.
+        layers_pattern: Name(s) of the layer container (e.g. `"layers"`, `"h"`).
+        rank_pattern: Regex key -> rank, resolved as PEFT does (`$` implied, dotted prefix).
+        alpha_pattern: Regex key -> alpha, resolved the same way.
+        lora_bias: Give `lora_B` a trainable bias.
+
+    Example:
+        >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        >>> cfg.scaling_for(8, 16)
+        2.0
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
+    # Fields of variants that are not implemented yet: accepted, rejected when set.
+    use_dora: bool = False
+    use_qalora: bool = False
+    alora_invocation_tokens: list[int] | None = None
+    use_bdlora: Any = None
+    target_parameters: list[str] | None = None
+    modules_to_save: list[str] | None = None
+    # PEFT keys that do not affect the computation, kept for a faithful round trip.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise `ConfigError` / `UnsupportedFeatureError` naming the field."""
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ConfigError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in _INIT_MODES:
+            if isinstance(self.init_lora_weights, str):
+                raise UnsupportedFeatureError(
+                    f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported yet; "
+                    "supported: True, False, 'gaussian'"
+                )
+            raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
+                              f"got {self.init_lora_weights!r}")
+        if self.target_modules is None:
+            raise ConfigError("LoraConfig.target_modules is required (a list of names, a regex, or 'all-linear')")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("LoraConfig.target_modules is an empty list")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError("LoraConfig.layers_to_transform cannot be used when target_modules is a regex string")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ConfigError("LoraConfig.layers_pattern cannot be used when target_modules is a regex string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("LoraConfig.layers_pattern is only used together with layers_to_transform")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}] must be a number, got {value!r}")
+        for name, feature in _NOT_YET.items():
+            value = getattr(self, name, None) if name in _fields() else self.extra.get(name)
+            if not _is_default(value):
+                raise UnsupportedFeatureError(
+                    f"LoraConfig.{name}={value!r}: {feature} is not supported by lora_fx yet"
+                )
+
+    # -- derived values ----------------------------------------------------------------------
+    def scaling_for(self, r: int, alpha: float) -> float:
+        """The factor applied to `B @ A x` for a layer of rank `r` and alpha `alpha`."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- PEFT adapter_config.json ------------------------------------------------------------
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], *, source: str = "adapter_config.json") -> LoraConfig:
+        """Build from the dict PEFT writes to `adapter_config.json`.
+
+        Unknown keys are kept when their value is a default (None/False/empty); an unknown key
+        with a real value is an error, since ignoring it could change what the adapter means.
+        """
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise UnsupportedFeatureError(f"{source}: peft_type={peft_type!r}; lora_fx reads LORA adapters only")
+        known = _fields() - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _INERT_KEYS or key in _NOT_YET or _is_default(value):
+                extra[key] = value
+            else:
+                raise UnsupportedFeatureError(f"{source}: key {key!r}={value!r} is not understood by lora_fx")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(key) is None:
+                kwargs[key] = {}
+        try:
+            return cls(**kwargs, extra=extra)
+        except (ConfigError, UnsupportedFeatureError) as e:
+            raise type(e)(f"{source}: {e}") from None
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The dict PEFT's `LoraConfig.from_pretrained` reads."""
+        out: dict[str, Any] = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+                               "revision": None, "inference_mode": True}
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:
+        """Read `adapter_config.json` from an adapter directory (or the file itself)."""
+        path = os.fspath(path)
+        file = os.path.join(path, "adapter_config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            from .errors import AdapterFileError
+
+            raise AdapterFileError(f"no adapter_config.json at {path!r}")
+        try:
+            with open(file) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            from .errors import AdapterFileError
+
+            raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_peft_dict(data, source=file)
+
+
+def _fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(LoraConfig)}

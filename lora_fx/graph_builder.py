@@ -1,0 +1,72 @@
+"""Node creation for the rewrite passes.
+
+Every node a pass adds goes through `GraphBuilder.call`, which (1) inserts it in order,
+(2) copies `nn_module_stack` / `stack_trace` from the site it belongs to, so profiles and
+error messages point at the user's layer, and (3) keeps `meta["val"]` right by running the op
+on the inputs' fake values when the graph carries them (export and Dynamo graphs do; a
+`symbolic_trace` graph does not, and then no values are computed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "seq_nr")
+
+
+def node_value(node: Any) -> Any:
+    """The fake value a node carries (`val` in aten graphs, `example_value` in Dynamo graphs)."""
+    if not isinstance(node, fx.Node):
+        return node
+    if "val" in node.meta:
+        return node.meta["val"]
+    return node.meta.get("example_value")
+
+
+def graph_fake_mode(graph: fx.Graph):
+    """The fake mode the graph's own values live in (not the ambient tracing context's)."""
+    for node in graph.nodes:
+        val = node_value(node)
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return None
+
+
+class GraphBuilder:
+    """Appends nodes after an anchor node, in program order, with metadata."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode=None):
+        self.graph = graph
+        self.anchor = anchor
+        self.fake_mode = fake_mode
+        self.created: list[fx.Node] = []
+        # Insert before the node that currently follows the anchor: successive calls then
+        # come out in call order (`inserting_after` would reverse them).
+        self._next = anchor.next
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self._next):
+            node = self.graph.call_function(target, args, kwargs)
+        for key in _COPIED_META:
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        if self.fake_mode is not None:
+            fargs, fkwargs = fx.node.map_arg((args, kwargs), node_value)
+            with self.fake_mode:
+                node.meta["val"] = target(*fargs, **fkwargs)
+        self.created.append(node)
+        return node
+
+    @staticmethod
+    def dtype_of(node: fx.Node, default: torch.dtype) -> torch.dtype:
+        val = node_value(node)
+        return val.dtype if isinstance(val, torch.Tensor) else default
+
+    def cast(self, node: fx.Node, dtype: torch.dtype, current: torch.dtype) -> fx.Node:
+        if dtype == current:
+            return node
+        return self.call(torch.ops.aten._to_copy.default, node, dtype=dtype)

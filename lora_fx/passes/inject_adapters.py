@@ -1,0 +1,60 @@
+"""inject_adapters: give every annotated site its adapter subgraph.
+
+Reads the `TargetSite` annotations `find_targets` wrote. For each site whose layer has an
+adapter, asks the variant for the nodes computing the new output and points every former user
+of the base output at it. Adapter tensors (and the 0-d scaling) come from `provide`, which the
+caller implements as new placeholders (Dynamo graphs, exported programs) or `get_attr`s of
+registered parameters (plain GraphModules): never as constants, so new adapter values need no
+recompilation.
+
+Invariants: the base call and its inputs are untouched; every added node carries
+`meta["lora_fx_adapter"] = layer name` (what a merge pass removes) and inherits the site's
+`nn_module_stack`/`stack_trace`; `meta["val"]` is kept right where the graph has values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from ..adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from ..graph_builder import GraphBuilder, graph_fake_mode
+from ..variants import SiteCall
+from .find_targets import SITE_KEY
+
+ADAPTER_KEY = "lora_fx_adapter"
+OUTPUT_KEY = "lora_fx_output"
+
+Provide = Callable[[AdapterEntry, str], fx.Node]
+
+
+def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
+                    *, training: bool = False, user_inputs: list[fx.Node] | None = None) -> int:
+    """Rewrite `gm` in place; return the number of sites adapted."""
+    fake_mode = graph_fake_mode(gm.graph)
+    done = 0
+    for node in site_nodes:
+        site = node.meta[SITE_KEY]
+        entry = adapters.entries.get(site.layer.name)
+        if entry is None:
+            continue
+        params = {key: provide(entry, key) for key in entry.tensors}
+        scale = provide(entry, SCALING_KEY)
+        builder = GraphBuilder(gm.graph, node, fake_mode)
+        call = SiteCall(layer=site.layer, x=node.args[site.input_index], base_out=node, training=training,
+                        graph_inputs=list(user_inputs or []))
+        new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
+        created = set(builder.created)
+        for n in created:
+            n.meta[ADAPTER_KEY] = site.layer.name
+        new_out.meta[OUTPUT_KEY] = site.layer.name
+        node.replace_all_uses_with(new_out, delete_user_cb=lambda user: user not in created)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
+def sanitize(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)

@@ -1,0 +1,222 @@
+"""`lora_fx.transform`: adapters injected into an `ExportedProgram` or a `GraphModule`.
+
+ExportedProgram: adapter tensors become new parameter placeholders (after the existing ones,
+as the signature requires), listed as PARAMETER inputs and stored in the state_dict; each
+layer's scaling is a persistent 0-d buffer. Base weights are frozen views of the original
+tensors (no copy; the caller's model is not modified). GraphModule: adapter tensors are
+registered as parameters of a `lora_fx_adapters` submodule and read with `get_attr`, so the
+result is called exactly like the input and its `.parameters()` include the adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+
+from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from .backend import Spec, read_spec
+from .config import LoraConfig
+from .errors import LoraFxError
+from .graph_builder import graph_fake_mode
+from .passes.find_targets import find_targets, output_layer_names_of_graph, site_layers
+from .passes.inject_adapters import inject_adapters, sanitize
+from .rules import resolve
+
+ADAPTERS_ATTR = "lora_fx_adapters"
+
+
+def _make_adapters(site_nodes, cfg: LoraConfig, pending, adapter_dtype) -> AdapterSet:
+    resolved = resolve(site_layers(site_nodes), cfg, output_layer_names_of_graph(site_nodes))
+    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype)
+    if pending is not None:
+        adapters.load_peft_state_dict(pending, source="adapter directory")
+    return adapters
+
+
+def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.dtype | None = None):
+    """Inject LoRA adapters into an exported program or a GraphModule.
+
+    Args:
+        program: a `torch.export.ExportedProgram` (a new one is returned) or a
+            `torch.fx.GraphModule` (a new GraphModule is returned; e.g. `ep.module()` or
+            `torch.fx.symbolic_trace(model)`).
+        spec: a `LoraConfig` (new adapter) or a PEFT adapter directory.
+        train: emit adapter dropout (`lora_dropout`) as in training mode.
+        adapter_dtype: dtype of new adapter tensors (default: fp32 for half bases).
+
+    Example:
+        >>> import torch, lora_fx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> ep = torch.export.export(model, (torch.randn(2, 8),))
+        >>> ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0"]))
+        >>> sorted(k for k in ep2.state_dict if "lora" in k)
+        ['0.lora_A.weight', '0.lora_B.weight', '0.lora_scaling']
+    """
+    cfg, pending = read_spec(spec)
+    if isinstance(program, ExportedProgram):
+        return _transform_program(program, cfg, pending, train, adapter_dtype)
+    if isinstance(program, fx.GraphModule):
+        return _transform_graph_module(program, cfg, pending, train, adapter_dtype)
+    raise LoraFxError(f"transform takes an ExportedProgram or a torch.fx.GraphModule, got {type(program).__name__}")
+
+
+def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) -> ExportedProgram:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(ep.graph, {}))  # the caller's program stays as it was
+    gm = fx.GraphModule(ep.graph_module, graph)
+    sig = ep.graph_signature
+    site_nodes = find_targets(gm, dict(sig.inputs_to_parameters))
+    adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
+
+    fake_mode = graph_fake_mode(graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    param_names = set(sig.inputs_to_parameters)
+    after_params = next((n for n in placeholders if n.name not in param_names), None)
+    new_specs: dict[str, InputSpec] = {}
+    state = {}
+    cache: dict[tuple[str, str], fx.Node] = {}
+
+    def provide(entry: AdapterEntry, key: str) -> fx.Node:
+        if (entry.name, key) in cache:
+            return cache[entry.name, key]
+        is_scale = key == SCALING_KEY
+        tensor = entry.scaling if is_scale else entry.tensors[key]
+        target = f"{entry.name}.{key}"
+        # Parameters precede buffers and user inputs; buffers precede user inputs.
+        before = after_params if not is_scale else _first_user_input(graph, sig)
+        prefix = "b_" if is_scale else "p_"
+        if before is None:
+            with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
+                node = graph.placeholder(prefix + sanitize(target))
+        else:
+            with graph.inserting_before(before):
+                node = graph.placeholder(prefix + sanitize(target))
+        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+        kind = InputKind.BUFFER if is_scale else InputKind.PARAMETER
+        new_specs[node.name] = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=target,
+                                         persistent=True if is_scale else None)
+        state[target] = tensor
+        cache[entry.name, key] = node
+        return node
+
+    user_inputs = [n for n in placeholders if n.name in sig.user_inputs]
+    inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs)
+
+    old_specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
+    input_specs = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = new_specs.get(node.name) or old_specs.get(node.name)
+        if spec is None:
+            raise LoraFxError(f"internal: placeholder {node.name!r} has no input spec")  # pragma: no cover
+        input_specs.append(spec)
+    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=list(sig.output_specs))
+
+    state_dict = {}
+    for key, value in ep.state_dict.items():
+        if isinstance(value, nn.Parameter):
+            owner, _, leaf = key.rpartition(".")
+            trainable = (cfg.bias == "all" and leaf == "bias") or (
+                cfg.bias == "lora_only" and leaf == "bias" and owner in adapters.entries)
+            value = nn.Parameter(value.detach(), requires_grad=trainable)  # shares storage
+        state_dict[key] = value
+    state_dict.update(state)
+    new_ep = ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=new_sig, state_dict=state_dict,
+        range_constraints=copy.copy(ep.range_constraints), module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=[ep.verifier],
+    )
+    new_ep.lora_fx_adapters = adapters  # for save_adapter(ep)
+    return new_ep
+
+
+def _first_user_input(graph: fx.Graph, sig: ExportGraphSignature):
+    non_buffer_or_param = set(sig.user_inputs) | {
+        s.arg.name for s in sig.input_specs
+        if s.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ, InputKind.TOKEN) and hasattr(s.arg, "name")}
+    return next((n for n in graph.nodes if n.op == "placeholder" and n.name in non_buffer_or_param), None)
+
+
+def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_dtype) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm_in.graph._codegen)  # keep e.g. ep.module()'s pytree calling convention
+    graph.output(graph.graph_copy(gm_in.graph, {}))
+    gm = fx.GraphModule(gm_in, graph)
+    if hasattr(gm_in, "_in_spec"):
+        gm._in_spec, gm._out_spec = gm_in._in_spec, gm_in._out_spec
+    site_nodes = find_targets(gm)
+    adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
+    container = nn.Module()
+    gm.add_module(ADAPTERS_ATTR, container)
+    fake_mode = graph_fake_mode(graph)
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    cache: dict[tuple[str, str], fx.Node] = {}
+
+    def provide(entry: AdapterEntry, key: str) -> fx.Node:
+        if (entry.name, key) not in cache:
+            attr = f"{sanitize(entry.name)}__{sanitize(key)}"
+            if key == SCALING_KEY:
+                container.register_buffer(attr, entry.scaling)
+                tensor = entry.scaling
+            else:
+                container.register_parameter(attr, entry.tensors[key])
+                tensor = entry.tensors[key]
+            with graph.inserting_before(first):
+                node = graph.get_attr(f"{ADAPTERS_ATTR}.{attr}")
+            node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
+            cache[entry.name, key] = node
+        return cache[entry.name, key]
+
+    inject_adapters(gm, site_nodes, adapters, provide, training=train)
+    for name, p in gm.named_parameters():
+        if not name.startswith(ADAPTERS_ATTR + "."):
+            p.requires_grad_(False) if p.is_leaf else None
+    gm.lora_fx_adapters_set = adapters
+    return gm
+
+
+def save_adapter(obj, path) -> None:
+    """Write the adapter of a transformed program / GraphModule / backend as a PEFT directory.
+
+    Example:
+        >>> import torch, lora_fx, tempfile
+        >>> ep = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(1, 4),))
+        >>> ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0"]))
+        >>> lora_fx.save_adapter(ep2, tempfile.mkdtemp() + "/adapter")
+    """
+    from .backend import LoraBackend, config_to_save
+    from .io import write_adapter_dir
+
+    if isinstance(obj, LoraBackend):
+        obj.save_adapter(path)
+        return
+    adapters = getattr(obj, "lora_fx_adapters", None)
+    if not isinstance(adapters, AdapterSet):
+        adapters = getattr(obj, "lora_fx_adapters_set", None)
+    if not isinstance(adapters, AdapterSet):
+        raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
+    write_adapter_dir(path, config_to_save(adapters.cfg, adapters), adapters.peft_state_dict())
+
+
+def load_adapter(obj, path) -> None:
+    """Copy the weights of a PEFT adapter directory into a transformed program / GraphModule /
+    backend, in place (same shapes required; nothing recompiles)."""
+    from .backend import LoraBackend
+    from .io import read_adapter_dir
+
+    if isinstance(obj, LoraBackend):
+        obj.load_adapter(path)
+        return
+    adapters = getattr(obj, "lora_fx_adapters", None)
+    if not isinstance(adapters, AdapterSet):
+        adapters = getattr(obj, "lora_fx_adapters_set", None)
+    if not isinstance(adapters, AdapterSet):
+        raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
+    _, tensors = read_adapter_dir(path)
+    adapters.load_peft_state_dict(tensors, source=str(path))

@@ -1,0 +1,133 @@
+"""Target rules with PEFT semantics: which layers get an adapter, and with which rank and alpha.
+
+- `target_modules` list: a name matches if it equals an entry or ends with `"." + entry`;
+  string: `re.fullmatch`; `"all-linear"`: every Linear / Conv1D except the output layer.
+- `exclude_modules` likewise (list: exact or suffix; string: full regex).
+- `layers_to_transform` (+ `layers_pattern`) keep only the layers whose first numbered path
+  segment (after the pattern) is listed. Only applies to list targets, as in PEFT.
+- `rank_pattern` / `alpha_pattern`: the first key `k` with `re.match(rf"(.*\\.)?({k})$", name)`.
+Only adaptable layers (see `layers.py`) are candidates; containers are never matched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import TargetNotFoundError
+from .layers import LINEAR_KINDS, LayerInfo
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A targeted layer with its resolved rank, alpha and scaling."""
+
+    layer: LayerInfo
+    r: int
+    alpha: float
+    scaling: float
+
+
+def _name_in(entries, name: str) -> bool:
+    return name in entries or any(name.endswith("." + e) for e in entries)
+
+
+def _excluded(cfg: LoraConfig, name: str) -> bool:
+    ex = cfg.exclude_modules
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, name) is not None
+    return _name_in(ex, name)
+
+
+def _layer_index(cfg: LoraConfig, name: str) -> int | None:
+    patterns = cfg.layers_pattern
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _targeted(cfg: LoraConfig, layer: LayerInfo, output_layers: set[str]) -> bool:
+    name = layer.name
+    if _excluded(cfg, name):
+        return False
+    tm = cfg.target_modules
+    if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+        return layer.kind in LINEAR_KINDS and name not in output_layers
+    if isinstance(tm, str):
+        return re.fullmatch(tm, name) is not None
+    if not _name_in(tm, name):
+        return False
+    wanted = cfg.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    idx = _layer_index(cfg, name)
+    if idx is None:
+        return False
+    return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def pattern_key(keys, name: str) -> str | None:
+    """The first pattern key that matches `name` the way PEFT's `get_pattern_key` does."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def resolve(layers: list[LayerInfo], cfg: LoraConfig, output_layers: set[str] = frozenset(),
+            *, require_match: bool = True) -> dict[str, Resolved]:
+    """Apply `cfg`'s rules to `layers`; return `{layer name: Resolved}` in layer order.
+
+    Raises:
+        TargetNotFoundError: nothing matched (with the closest layer names), if `require_match`.
+
+    Example:
+        >>> from lora_fx.layers import LayerInfo
+        >>> layers = [LayerInfo("model.layers.0.q_proj", "linear", 8, 8)]
+        >>> cfg = LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2})
+        >>> resolve(layers, cfg)["model.layers.0.q_proj"].r
+        2
+    """
+    out: dict[str, Resolved] = {}
+    for layer in layers:
+        if layer.name in out or not _targeted(cfg, layer, output_layers):
+            continue
+        rk = pattern_key(cfg.rank_pattern, layer.name)
+        ak = pattern_key(cfg.alpha_pattern, layer.name)
+        r = cfg.rank_pattern[rk] if rk is not None else cfg.r
+        alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.lora_alpha
+        out[layer.name] = Resolved(layer, r, alpha, cfg.scaling_for(r, alpha))
+    if require_match and not out:
+        raise TargetNotFoundError(_no_match_message(layers, cfg))
+    return out
+
+
+def _no_match_message(layers: list[LayerInfo], cfg: LoraConfig) -> str:
+    names = [layer.name for layer in layers]
+    tm = cfg.target_modules
+    probes = [tm] if isinstance(tm, str) else list(tm)
+    candidates = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
+    close: list[str] = []
+    for probe in probes:
+        for c in difflib.get_close_matches(str(probe), candidates, n=5, cutoff=0.4):
+            if c not in close:
+                close.append(c)
+    if not names:
+        hint = "the model has no adaptable layer (Linear, Conv1D, Embedding, Conv1d/2d/3d)"
+    else:
+        hint = f"closest layer names: {close[:8] or names[:8]}"
+    extra = ""
+    if cfg.exclude_modules or cfg.layers_to_transform is not None:
+        extra = (f" (after exclude_modules={cfg.exclude_modules!r}, "
+                 f"layers_to_transform={cfg.layers_to_transform!r})")
+    return f"target_modules={tm!r} matched no adaptable layer{extra}; {hint}"

@@ -1,0 +1,37 @@
+"""Variant registry. A variant is one file in this package plus one `register` call.
+
+The core pass never names a variant: it asks `variant_for(cfg)` and calls the protocol in
+`base.py`.
+"""
+
+from __future__ import annotations
+
+from ..config import LoraConfig
+from .base import SiteCall, TensorSpec, Variant
+
+_REGISTRY: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    if variant.name in _REGISTRY:
+        raise ValueError(f"variant {variant.name!r} is registered twice")
+    _REGISTRY[variant.name] = variant
+    return variant
+
+
+def get(name: str) -> Variant:
+    return _REGISTRY[name]
+
+
+def variant_for(cfg: LoraConfig) -> Variant:
+    """The variant a config selects. Variants claim configs in registration order, most
+    specific first; plain LoRA claims everything and is registered last."""
+    for variant in _REGISTRY.values():
+        if variant.claims(cfg):
+            return variant
+    raise LookupError("no variant claims this config")  # pragma: no cover - lora claims all
+
+
+from . import lora  # noqa: E402,F401  (registration)
+
+__all__ = ["SiteCall", "TensorSpec", "Variant", "get", "register", "variant_for"]

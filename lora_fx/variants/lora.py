@@ -1,0 +1,146 @@
+"""Plain LoRA (and rsLoRA, which only changes the scaling): `y = base(x) + s * B(A(dropout(x)))`.
+
+Tensors and initialisation follow PEFT exactly, including its key names:
+- Linear / Conv1D: `lora_A.weight` (r, in), `lora_B.weight` (out, r), `lora_B.bias` (lora_bias).
+- Conv{1,2,3}d: `lora_A.weight` (r, in, *kernel) with the base stride/padding/dilation,
+  `lora_B.weight` (out, r / groups, 1, ...) grouped like the base.
+- Embedding: `lora_embedding_A` (r, num_embeddings), `lora_embedding_B` (dim, r); no dropout.
+The adapter runs in the adapters' dtype (fp32 for a half-precision base, as PEFT's
+`autocast_adapter_dtype`) and its result is cast back to the base output's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..layers import CONV, EMBEDDING, LayerInfo
+from ..rules import Resolved
+from . import register
+from .base import SiteCall, TensorSpec, Variant
+
+aten = torch.ops.aten
+
+
+def _kaiming_like_linear(t: torch.Tensor, generator=None) -> None:
+    # nn.Linear / nn.ConvNd's default weight init (Kaiming-uniform, a=sqrt(5)).
+    fan_in = t[0].numel()
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        t.uniform_(-bound, bound, generator=generator)
+
+
+class LoraVariant(Variant):
+    name = "lora"
+
+    def claims(self, cfg: LoraConfig) -> bool:
+        return True
+
+    def check(self, res: Resolved, cfg: LoraConfig) -> None:
+        layer = res.layer
+        if layer.kind == EMBEDDING and cfg.lora_bias:
+            raise ConfigError(f"{layer.name}: lora_bias=True is not supported for Embedding layers (as in PEFT)")
+        if layer.kind == CONV and res.r % layer.groups != 0:
+            raise ConfigError(
+                f"{layer.name}: rank {res.r} is not divisible by the conv's groups={layer.groups}; "
+                "choose a rank that is (rank_pattern can set it per layer) or exclude the layer"
+            )
+
+    def tensors(self, res: Resolved, cfg: LoraConfig) -> dict[str, TensorSpec]:
+        layer, r = res.layer, res.r
+        if layer.kind == EMBEDDING:
+            return {"lora_embedding_A": TensorSpec((r, layer.in_features)),
+                    "lora_embedding_B": TensorSpec((layer.out_features, r))}
+        if layer.kind == CONV:
+            ones = (1,) * layer.conv_dims
+            specs = {"lora_A.weight": TensorSpec((r, layer.in_features, *layer.kernel_size)),
+                     "lora_B.weight": TensorSpec((layer.out_features, r // layer.groups, *ones))}
+        else:
+            specs = {"lora_A.weight": TensorSpec((r, layer.in_features)),
+                     "lora_B.weight": TensorSpec((layer.out_features, r))}
+        if cfg.lora_bias:
+            specs["lora_B.bias"] = TensorSpec((layer.out_features,))
+        return specs
+
+    def init(self, tensors, res: Resolved, cfg: LoraConfig, generator=None) -> None:
+        mode = cfg.init_lora_weights
+        with torch.no_grad():
+            if res.layer.kind == EMBEDDING:
+                a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
+                if mode is False:
+                    a.normal_(generator=generator)
+                else:
+                    a.zero_()
+                b.normal_(generator=generator)
+                return
+            a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+            bias = tensors.get("lora_B.bias")
+            if mode is False:
+                # nn.Linear / nn.ConvNd defaults: the adapter is not a no-op (used for tests).
+                _kaiming_like_linear(a, generator)
+                _kaiming_like_linear(b, generator)
+                if bias is not None:
+                    bound = 1.0 / math.sqrt(b[0].numel())
+                    bias.uniform_(-bound, bound, generator=generator)
+                return
+            if mode == "gaussian":
+                a.normal_(0.0, 1.0 / res.r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            b.zero_()
+            if bias is not None:
+                bias.zero_()
+
+    def emit(self, b, site: SiteCall, res: Resolved, cfg: LoraConfig, params, scale):
+        layer = site.layer
+        out_dtype = b.dtype_of(site.base_out, layer.weight_dtype)
+        adapter_dtype = params_dtype(params)
+        if layer.kind == EMBEDDING:
+            a_t = b.call(aten.t.default, params["lora_embedding_A"])
+            pad = -1 if layer.padding_idx is None else layer.padding_idx
+            h = b.call(aten.embedding.default, a_t, site.x, pad)
+            delta = b.call(aten.linear.default, h, params["lora_embedding_B"])
+        else:
+            x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
+            if site.training and cfg.lora_dropout > 0:
+                x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
+            if layer.kind == CONV:
+                h = _conv(b, x, params["lora_A.weight"], None, layer.stride, layer.padding, layer.dilation, 1)
+                ones = [1] * layer.conv_dims
+                delta = _conv(b, h, params["lora_B.weight"], params.get("lora_B.bias"), ones,
+                              [0] * layer.conv_dims, ones, layer.groups)
+            else:
+                h = b.call(aten.linear.default, x, params["lora_A.weight"])
+                delta = b.call(aten.linear.default, h, params["lora_B.weight"], params.get("lora_B.bias"))
+        delta = b.call(aten.mul.Tensor, delta, scale)
+        delta = b.cast(delta, out_dtype, adapter_dtype)
+        return b.call(aten.add.Tensor, site.base_out, delta)
+
+    def merged_weight(self, weight, tensors, scaling, layer: LayerInfo):
+        return None  # the merge issue implements this
+
+
+def params_dtype(params) -> torch.dtype:
+    from ..graph_builder import node_value
+
+    for node in params.values():
+        val = node_value(node)
+        if isinstance(val, torch.Tensor):
+            return val.dtype
+    return torch.float32
+
+
+def _conv(b, x, w, bias, stride, padding, dilation, groups):
+    n = len(stride)
+    if isinstance(padding, str):
+        op = {1: aten.conv1d.padding, 2: aten.conv2d.padding, 3: aten.conv3d.padding}[n]
+        return b.call(op, x, w, bias, list(stride), padding, list(dilation), groups)
+    return b.call(aten.convolution.default, x, w, bias, list(stride), list(padding), list(dilation),
+                  False, [0] * n, groups)
+
+
+register(LoraVariant())
