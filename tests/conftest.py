@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny models, PEFT-saved reference adapters, and comparison helpers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class ConvNet(nn.Module):
+    """Conv1d, grouped+strided Conv2d, and Conv3d, in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2)
+        self.c3 = nn.Conv3d(2, 4, (1, 2, 2), stride=(1, 1, 2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (B, 4, 16)
+        h = torch.relu(self.c1(x))                      # (B, 6, 16)
+        h2 = self.c2(h.view(h.shape[0], 6, 4, 4))       # (B, 8, 2, 2)
+        h3 = self.c3(h2.reshape(h2.shape[0], 2, 4, 2, 2))  # (B, 4, 4, 1, 1)
+        return self.head(h2.mean((2, 3))) + h3.sum()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                        use_cache=False)).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=32,
+                                      use_cache=False, attn_pdrop=0, embd_pdrop=0, resid_pdrop=0)).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=128, max_position_embeddings=32, hidden_dropout_prob=0,
+                                attention_probs_dropout_prob=0), add_pooling_layer=True).eval()
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+def token_input(batch=2, seq=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (batch, seq), generator=g)
+
+
+# name -> (factory, input factory, PEFT LoraConfig kwargs, output extractor)
+MODELS = {
+    "llama": (tiny_llama, token_input,
+              dict(r=8, lora_alpha=16, target_modules="all-linear",
+                   rank_pattern={r"layers\.0\..*_proj": 4}, alpha_pattern={"^model.layers.3.mlp.down_proj": 8}),
+              lambda o: o.logits),
+    "gpt2": (tiny_gpt2, token_input,
+             dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj", "wte"], use_rslora=True),
+             lambda o: o.logits),
+    "bert": (tiny_bert, token_input,
+             dict(r=4, lora_alpha=12, target_modules=["query", "value", "dense", "word_embeddings"],
+                  lora_bias=False, layers_to_transform=[1], layers_pattern="layer"),
+             lambda o: o.last_hidden_state),
+    "convnet": (conv_net, lambda: torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1)),
+                dict(r=4, lora_alpha=8, target_modules=["c1", "c2", "c3"], lora_bias=True),
+                lambda o: o),
+}
+
+
+def peft_reference(name: str, tmp_path, **overrides):
+    """(base model, PEFT model, adapter dir): a PEFT adapter with random A and B, saved."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    factory, _, kwargs, _ = MODELS[name]
+    base = factory()
+    torch.manual_seed(123)
+    cfg = PeftLoraConfig(init_lora_weights=False, **{**kwargs, **overrides})
+    peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
+    with torch.no_grad():  # make lora_B biases and embedding factors nonzero and distinct
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    path = tmp_path / f"{name}_adapter"
+    peft_model.save_pretrained(path)
+    return base, peft_model, path
+
+
+def assert_close(actual, expected, what="output", rel=1e-5):
+    err = (actual.detach().float() - expected.detach().float()).abs().max().item()
+    scale = expected.detach().float().abs().max().item()
+    assert err <= rel * max(scale, 1e-12), f"{what}: max abs err {err:.3e} > {rel} * max|ref| ({scale:.3e})"
+
+
+def peft_adapter_grads(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT grads keyed by lora_fx's names (`layer.key`)."""
+    out = {}
+    for n, p in peft_model.named_parameters():
+        if p.grad is None or "lora_" not in n:
+            continue
+        n = n.removeprefix("base_model.model.").replace(".default", "")
+        out[n] = p.grad
+    return out
+
+
+@pytest.fixture
+def inner():
+    return "aot_eager"
