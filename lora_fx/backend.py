@@ -197,7 +197,7 @@ class LoraBackend:
         def provide(entry: AdapterEntry, key: str) -> fx.Node:
             if (entry.name, key) not in cache:
                 with graph.inserting_after(last[0]):
-                    node = graph.placeholder(f"lora_{sanitize(entry.name)}_{sanitize(key)}")
+                    node = graph.placeholder(f"lora_{sanitize(entry.name)}_{sanitize(key)}".lower())
                 tensor = _feed(entry, key)
                 if fake_mode is not None:
                     node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)

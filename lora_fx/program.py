@@ -11,6 +11,7 @@ result is called exactly like the input and its `.parameters()` include the adap
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -67,9 +68,12 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
 
 def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) -> ExportedProgram:
     graph = fx.Graph()
-    graph.output(graph.graph_copy(ep.graph, {}))  # the caller's program stays as it was
+    copied: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(ep.graph, copied))  # the caller's program stays as it was
     gm = fx.GraphModule(ep.graph_module, graph)
-    sig = ep.graph_signature
+    # Copying may rename nodes (FX avoids builtins such as `input`): carry the signature over.
+    renamed = {old.name: new.name for old, new in copied.items()}
+    sig = _renamed_signature(ep.graph_signature, renamed)
     site_nodes = find_targets(gm, dict(sig.inputs_to_parameters))
     adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
 
@@ -92,10 +96,10 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) 
         prefix = "b_" if is_scale else "p_"
         if before is None:
             with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
-                node = graph.placeholder(prefix + sanitize(target))
+                node = graph.placeholder((prefix + sanitize(target)).lower())
         else:
             with graph.inserting_before(before):
-                node = graph.placeholder(prefix + sanitize(target))
+                node = graph.placeholder((prefix + sanitize(target)).lower())
         node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
         kind = InputKind.BUFFER if is_scale else InputKind.PARAMETER
         new_specs[node.name] = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=target,
@@ -116,7 +120,14 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) 
         if spec is None:
             raise LoraFxError(f"internal: placeholder {node.name!r} has no input spec")  # pragma: no cover
         input_specs.append(spec)
-    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=list(sig.output_specs))
+    # An adapted layer's output may be a program output: outputs now name the adapter's result.
+    outputs = next(n for n in graph.nodes if n.op == "output").args[0]
+    output_specs = []
+    for spec, node in zip(sig.output_specs, outputs, strict=True):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node):
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+        output_specs.append(spec)
+    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=output_specs)
 
     state_dict = {}
     for key, value in ep.state_dict.items():
@@ -134,6 +145,17 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) 
     )
     new_ep.lora_fx_adapters = adapters  # for save_adapter(ep)
     return new_ep
+
+
+def _renamed_signature(sig: ExportGraphSignature, renamed: dict[str, str]) -> ExportGraphSignature:
+    def fix(spec):
+        arg = spec.arg
+        if hasattr(arg, "name") and arg.name in renamed:
+            arg = dataclasses.replace(arg, name=renamed[arg.name])
+        return dataclasses.replace(spec, arg=arg)
+
+    return ExportGraphSignature(input_specs=[fix(s) for s in sig.input_specs],
+                                output_specs=[fix(s) for s in sig.output_specs])
 
 
 def _first_user_input(graph: fx.Graph, sig: ExportGraphSignature):

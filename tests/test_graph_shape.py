@@ -1,0 +1,89 @@
+"""Structure: exactly which nodes injection adds per site, and that nothing else changes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from conftest import ConvNet, tiny_gpt2
+from torch.testing import FileCheck
+
+import lora_fx
+from lora_fx.passes.inject_adapters import ADAPTER_KEY
+
+aten = torch.ops.aten
+
+
+def _ops(graph, skip_adapter=False):
+    return Counter(str(n.target) for n in graph.nodes
+                   if n.op == "call_function" and not (skip_adapter and ADAPTER_KEY in n.meta))
+
+
+def _added(before, after):
+    diff = _ops(after) - _ops(before)
+    assert not (_ops(before) - _ops(after)), "injection removed base nodes"
+    return diff
+
+
+def test_linear_site_adds_exactly_four_nodes_and_three_inputs():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    ep = torch.export.export(model, (x,))
+    ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0", "2"]))
+    added = _added(ep.graph, ep2.graph)
+    assert added == Counter({"aten.linear.default": 4, "aten.mul.Tensor": 2, "aten.add.Tensor": 2})
+    assert _ops(ep2.graph, skip_adapter=True) == _ops(ep.graph)
+    n_in = len([n for n in ep.graph.nodes if n.op == "placeholder"])
+    assert len([n for n in ep2.graph.nodes if n.op == "placeholder"]) == n_in + 6  # A, B, scaling per site
+    FileCheck().check("linear = torch.ops.aten.linear.default(input_1, p_0_weight, p_0_bias)") \
+        .check("linear_default = torch.ops.aten.linear.default(input_1, p_0_lora_a_weight)") \
+        .check("linear_default_1 = torch.ops.aten.linear.default(linear_default, p_0_lora_b_weight, None)") \
+        .check("mul_tensor = torch.ops.aten.mul.Tensor(linear_default_1, b_0_lora_scaling)") \
+        .check("add_tensor = torch.ops.aten.add.Tensor(linear, mul_tensor)") \
+        .check("relu = torch.ops.aten.relu.default(add_tensor)").run(ep2.graph_module.code)
+
+
+def test_conv_and_embedding_and_conv1d_sites():
+    net = ConvNet().eval()
+    x = torch.randn(2, 4, 16)
+    ep = torch.export.export(net, (x,))
+    ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["c1", "c2", "c3"], lora_bias=True))
+    assert _added(ep.graph, ep2.graph) == Counter(
+        {"aten.convolution.default": 6, "aten.mul.Tensor": 3, "aten.add.Tensor": 3})
+
+    gpt = tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 8))
+    ep = torch.export.export(gpt, (ids,))
+    ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["c_attn", "wte"]))
+    # wte: t, embedding, linear, mul, add; two c_attn (Conv1D addmm): linear, linear, mul, add
+    assert _added(ep.graph, ep2.graph) == Counter({
+        "aten.t.default": 1, "aten.embedding.default": 1, "aten.linear.default": 1 + 4,
+        "aten.mul.Tensor": 3, "aten.add.Tensor": 3})
+    assert _ops(ep2.graph, skip_adapter=True) == _ops(ep.graph)
+
+
+def test_tied_lm_head_is_not_adapted_with_its_embedding():
+    gpt = tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 8))
+    ep2 = lora_fx.transform(torch.export.export(gpt, (ids,)), lora_fx.LoraConfig(r=2, target_modules=["wte"]))
+    adapted = {n.meta[ADAPTER_KEY] for n in ep2.graph.nodes if ADAPTER_KEY in n.meta}
+    assert adapted == {"transformer.wte"}
+
+
+def test_backend_graph_has_adapter_nodes_per_site(inner):
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"]), inner=capture)
+    lora.parameters(model)
+    torch.compile(model, backend=lora, fullgraph=True)(torch.randn(2, 8))
+    (gm,) = seen
+    adapter_nodes = [n for n in gm.graph.nodes if ADAPTER_KEY in n.meta]
+    assert Counter(str(n.target) for n in adapter_nodes) == Counter(
+        {"aten.linear.default": 2, "aten.mul.Tensor": 1, "aten.add.Tensor": 1})
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"][-3:] == [
+        "lora_0_lora_a_weight", "lora_0_lora_b_weight", "lora_0_lora_scaling"]
