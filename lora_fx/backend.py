@@ -157,6 +157,9 @@ class LoraBackend:
 
     # -- the backend -------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        # Our own copy: Dynamo keeps using (and later strips the metadata of) its graph, and a
+        # second train/eval build may happen long after this call.
+        gm = _copy_graph_module(gm)
         site_nodes = find_targets(gm)
         if self._model is None:
             self._adopt_sites(site_nodes)
@@ -184,9 +187,8 @@ class LoraBackend:
         return self._inner(gm, example_inputs)
 
     def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], training: bool):
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(gm.graph, {}))  # Dynamo still reads its own graph after us
-        work = fx.GraphModule(gm, graph)
+        work = _copy_graph_module(gm)
+        graph = work.graph
         site_nodes = find_targets(work)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         feeds: list[tuple[AdapterEntry, str]] = []
@@ -239,6 +241,12 @@ class LoraBackend:
                     f"{layer.name}: the compiled graph has a {layer.kind} ({layer.in_features} -> "
                     f"{layer.out_features}) but the adapter was made for a {have.kind} ({have.in_features} -> "
                     f"{have.out_features})")
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))  # node.meta is copied (shallowly)
+    return fx.GraphModule(gm, graph)
 
 
 def _feed(entry: AdapterEntry, key: str) -> torch.Tensor:
