@@ -27,8 +27,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..graph_builder import node_value
-from ..layers import CONV, EMBEDDING, HF_CONV1D, LINEAR, LINEAR_KINDS, LayerInfo, class_qualname, \
-    kind_of_class, layer_of_module
+from ..layers import (
+    CONV,
+    EMBEDDING,
+    HF_CONV1D,
+    LINEAR,
+    LINEAR_KINDS,
+    LayerInfo,
+    class_qualname,
+    kind_of_class,
+    layer_of_module,
+)
 
 SITE_KEY = "lora_fx_site"
 aten = torch.ops.aten

@@ -49,7 +49,7 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         for n in created:
             n.meta[ADAPTER_KEY] = site.layer.name
         new_out.meta[OUTPUT_KEY] = site.layer.name
-        node.replace_all_uses_with(new_out, delete_user_cb=lambda user: user not in created)
+        node.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
         done += 1
     gm.graph.lint()
     gm.recompile()

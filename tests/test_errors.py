@@ -1,0 +1,163 @@
+"""Bad input: each error names its culprit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import peft_reference, tiny_llama, token_input
+
+import lora_fx
+
+
+def test_no_match_lists_closest_names():
+    model = tiny_llama()
+    lora = lora_fx.backend(lora_fx.LoraConfig(target_modules=["q_prj"]), inner="aot_eager")
+    with pytest.raises(lora_fx.TargetNotFoundError, match=r"q_prj.*closest.*q_proj"):
+        lora.parameters(model)
+
+
+def test_no_match_in_exported_program():
+    ep = torch.export.export(tiny_llama(), (token_input(),))
+    with pytest.raises(lora_fx.TargetNotFoundError, match=r"nonexistent.*closest layer names"):
+        lora_fx.transform(ep, lora_fx.LoraConfig(target_modules=["nonexistent"]))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("r", 0, "r must be a positive integer"),
+    ("lora_dropout", 1.5, "lora_dropout"),
+    ("bias", "some", "bias must be"),
+    ("init_lora_weights", "pissa", "init_lora_weights='pissa' is not supported"),
+    ("rank_pattern", {"q_proj": -1}, r"rank_pattern\['q_proj'\]"),
+])
+def test_bad_config_field(field, value, match):
+    with pytest.raises(lora_fx.LoraFxError, match=match):
+        lora_fx.LoraConfig(target_modules=["q_proj"], **{field: value})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("use_qalora", True), ("alora_invocation_tokens", [1, 2]),
+    ("target_parameters", ["experts.gate_up_proj"]), ("modules_to_save", ["lm_head"]),
+])
+def test_not_yet_supported_features_are_refused(field, value):
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=field):
+        lora_fx.LoraConfig(target_modules=["q_proj"], **{field: value})
+
+
+def test_unsupported_feature_in_adapter_file(tmp_path):
+    _, _, path = peft_reference("gpt2", tmp_path)
+    cfg_file = path / "adapter_config.json"
+    data = json.loads(cfg_file.read_text())
+    data["use_dora"] = True
+    cfg_file.write_text(json.dumps(data))
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"adapter_config.json.*use_dora"):
+        lora_fx.backend(path)
+
+
+def test_unknown_key_with_a_value_is_refused(tmp_path):
+    _, _, path = peft_reference("gpt2", tmp_path)
+    cfg_file = path / "adapter_config.json"
+    data = json.loads(cfg_file.read_text())
+    data["future_feature"] = {"on": True}
+    cfg_file.write_text(json.dumps(data))
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match="future_feature"):
+        lora_fx.backend(path)
+
+
+def _tamper(path, fn):
+    from safetensors.torch import load_file, save_file
+
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file)
+
+
+def test_missing_key(tmp_path):
+    base, _, path = peft_reference("gpt2", tmp_path)
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    _tamper(path, lambda t: t.pop(key))
+    with pytest.raises(lora_fx.AdapterFileError, match=f"missing adapter key '{key}'"):
+        lora_fx.backend(path).parameters(base)
+
+
+def test_extra_key(tmp_path):
+    base, _, path = peft_reference("gpt2", tmp_path)
+    key = "base_model.model.transformer.h.0.attn.extra.lora_A.weight"
+    _tamper(path, lambda t: t.__setitem__(key, torch.zeros(1)))
+    with pytest.raises(lora_fx.AdapterFileError, match=f"unexpected key '{key}'"):
+        lora_fx.transform(torch.export.export(base, (token_input(),)), path)
+
+
+def test_shape_mismatch(tmp_path):
+    base, _, path = peft_reference("gpt2", tmp_path)
+    key = "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
+    _tamper(path, lambda t: t.__setitem__(key, torch.zeros(4, 31)))
+    with pytest.raises(lora_fx.AdapterFileError, match=rf"'{key}' has shape \(4, 31\), the model needs \(4, 32\)"):
+        lora_fx.backend(path).parameters(base)
+
+
+def test_truncated_file(tmp_path):
+    _, _, path = peft_reference("gpt2", tmp_path)
+    file = path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(lora_fx.AdapterFileError, match="adapter_model.safetensors.*truncated or corrupt"):
+        lora_fx.backend(path)
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    _, _, path = peft_reference("gpt2", tmp_path)
+    os.rename(path / "adapter_model.safetensors", path / "adapter_model.bin")
+    with pytest.raises(lora_fx.AdapterFileError, match="never unpickles"):
+        lora_fx.backend(path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(lora_fx.AdapterFileError, match="does_not_exist"):
+        lora_fx.backend(tmp_path / "does_not_exist")
+
+
+def test_conv_rank_not_divisible_by_groups():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=4))
+    with pytest.raises(lora_fx.ConfigError, match=r"^0: rank 6 is not divisible by the conv's groups=4"):
+        lora_fx.backend(lora_fx.LoraConfig(r=6, target_modules=["0"])).parameters(model)
+
+
+def test_interrupted_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):
+    base, _, path = peft_reference("gpt2", tmp_path)
+    lora = lora_fx.backend(path, inner="aot_eager")
+    lora.parameters(base)
+    out = tmp_path / "out"
+    lora.save_adapter(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    import lora_fx.io as lio
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lio.json, "dump", boom)
+    with torch.no_grad():
+        lora.adapters.parameters()[0].add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        lora.save_adapter(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    with pytest.raises(KeyboardInterrupt):
+        lora.save_adapter(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_backend_attached_twice_to_different_models():
+    lora = lora_fx.backend(lora_fx.LoraConfig(target_modules=["0"]))
+    lora.parameters(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(lora_fx.LoraFxError, match="already attached"):
+        lora.parameters(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_transform_rejects_other_objects():
+    with pytest.raises(lora_fx.LoraFxError, match="Sequential"):
+        lora_fx.transform(torch.nn.Sequential(), lora_fx.LoraConfig(target_modules=["0"]))
