@@ -133,6 +133,9 @@ class LoraBackend:
         """Write a PEFT adapter directory (`PeftModel.from_pretrained` reads it)."""
         if not len(self.adapters):
             raise LoraFxError("no adapters yet: call lora.parameters(model) or run the compiled model first")
+        from .program import check_savable
+
+        check_savable(self.config)
         write_adapter_dir(path, config_to_save(self.config, self.adapters), self.adapters.peft_state_dict())
 
     def load_adapter(self, path: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
 from .backend import Spec, read_spec
 from .config import LoraConfig
-from .errors import LoraFxError
+from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import graph_fake_mode
 from .passes.find_targets import find_targets, output_layer_names_of_graph, site_layers
 from .passes.inject_adapters import inject_adapters, sanitize
@@ -223,7 +223,15 @@ def save_adapter(obj, path) -> None:
         adapters = getattr(obj, "lora_fx_adapters_set", None)
     if not isinstance(adapters, AdapterSet):
         raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
+    check_savable(adapters.cfg)
     write_adapter_dir(path, config_to_save(adapters.cfg, adapters), adapters.peft_state_dict())
+
+
+def check_savable(cfg: LoraConfig) -> None:
+    if cfg.bias != "none":
+        raise UnsupportedFeatureError(
+            f"LoraConfig.bias={cfg.bias!r}: the base biases train, but saving them into the adapter file "
+            "is not supported yet; use bias='none' to save, or save the model's biases yourself")
 
 
 def load_adapter(obj, path) -> None:
