@@ -218,13 +218,17 @@ def save_adapter(obj, path) -> None:
     if isinstance(obj, LoraBackend):
         obj.save_adapter(path)
         return
-    adapters = getattr(obj, "lora_fx_adapters", None)
-    if not isinstance(adapters, AdapterSet):
-        adapters = getattr(obj, "lora_fx_adapters_set", None)
-    if not isinstance(adapters, AdapterSet):
-        raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
+    adapters = _adapters_of(obj)
     check_savable(adapters.cfg)
     write_adapter_dir(path, config_to_save(adapters.cfg, adapters), adapters.peft_state_dict())
+
+
+def _adapters_of(obj) -> AdapterSet:
+    for attr in ("lora_fx_adapters", "lora_fx_adapters_set"):  # ExportedProgram, GraphModule
+        adapters = getattr(obj, attr, None)
+        if isinstance(adapters, AdapterSet):
+            return adapters
+    raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
 
 
 def check_savable(cfg: LoraConfig) -> None:
@@ -243,10 +247,6 @@ def load_adapter(obj, path) -> None:
     if isinstance(obj, LoraBackend):
         obj.load_adapter(path)
         return
-    adapters = getattr(obj, "lora_fx_adapters", None)
-    if not isinstance(adapters, AdapterSet):
-        adapters = getattr(obj, "lora_fx_adapters_set", None)
-    if not isinstance(adapters, AdapterSet):
-        raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
+    adapters = _adapters_of(obj)
     _, tensors = read_adapter_dir(path)
     adapters.load_peft_state_dict(tensors, source=str(path))
