@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, UnsupportedFeatureError
+from .errors import AdapterFileError, ConfigError, UnsupportedFeatureError
 
 ALL_LINEAR = "all-linear"
 
@@ -206,15 +206,11 @@ class LoraConfig:
         path = os.fspath(path)
         file = os.path.join(path, "adapter_config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            from .errors import AdapterFileError
-
             raise AdapterFileError(f"no adapter_config.json at {path!r}")
         try:
             with open(file) as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            from .errors import AdapterFileError
-
             raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
         return cls.from_peft_dict(data, source=file)
 

@@ -198,7 +198,7 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     inject_adapters(gm, site_nodes, adapters, provide, training=train)
     for name, p in gm.named_parameters():
         if not name.startswith(ADAPTERS_ATTR + "."):
-            p.requires_grad_(False) if p.is_leaf else None
+            p.requires_grad_(False)
     gm.lora_fx_adapters_set = adapters
     return gm
 

@@ -10,13 +10,13 @@ from conftest import MODELS, assert_close, peft_adapter_grads, peft_reference
 import lora_fx
 
 
-def _weights(n_out, like):
+def _weights(like):
     return torch.randn(like.shape, generator=torch.Generator().manual_seed(7))
 
 
 def _peft_run(peft_model, x, extract):
     out = extract(peft_model(x))
-    w = _weights(out.shape, out)
+    w = _weights(out)
     (out * w).sum().backward()
     return out, w, peft_adapter_grads(peft_model)
 

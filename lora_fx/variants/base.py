@@ -17,7 +17,6 @@ the merge pass (separate issue) turns None into an error naming the site.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -82,5 +81,3 @@ class Variant:
         """`W'` such that the base layer with `W'` equals the adapted layer; None: cannot merge."""
         return None
 
-
-InitFn = Callable[[torch.Tensor], None]
