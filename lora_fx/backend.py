@@ -70,6 +70,8 @@ class LoraBackend:
             "aot_eager", any registered name, or a callable `(gm, example_inputs) -> fn`.
         adapter_dtype: dtype of the adapter tensors (default: fp32 for a half-precision base,
             else the base weight's dtype).
+        inference_form: in graphs compiled without grad, accumulate the adapter into the base
+            output with one `addmm` (faster; same values). False: always the training form.
 
     Example:
         >>> import torch, lora_fx
@@ -80,13 +82,17 @@ class LoraBackend:
         >>> fast(torch.randn(3, 8)).sum().backward(); opt.step()
     """
 
-    def __init__(self, spec: Spec, *, inner: str | Callable = "inductor", adapter_dtype: torch.dtype | None = None):
+    def __init__(self, spec: Spec, *, inner: str | Callable = "inductor", adapter_dtype: torch.dtype | None = None,
+                 inference_form: bool = True):
         self.config, self._pending = read_spec(spec)
+        self.inference_form = inference_form
         self.adapters = AdapterSet(self.config)
         self.adapter_dtype = adapter_dtype
         self._inner = _inner_backend(inner)
         self._model: nn.Module | None = None
         self.graphs_compiled = 0
+        self.merged = False
+        self._originals: dict[str, torch.Tensor] | None = None  # layer -> original weight data
 
     # -- setup -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> LoraBackend:
@@ -140,6 +146,7 @@ class LoraBackend:
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Copy another adapter of the same shapes in place; compiled code is reused as is."""
+        self._refuse_if_merged("load_adapter")
         cfg, tensors = read_adapter_dir(path)
         self.adapters.load_peft_state_dict(tensors, source=os.fspath(path))
         self.set_alpha(cfg)
@@ -148,6 +155,7 @@ class LoraBackend:
         """Recompute every layer's scaling from `cfg`'s alpha / rank / rsLoRA settings."""
         from .rules import pattern_key
 
+        self._refuse_if_merged("set_alpha")
         for name, entry in self.adapters.entries.items():
             ak = pattern_key(cfg.alpha_pattern, name)
             alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.lora_alpha
@@ -155,8 +163,64 @@ class LoraBackend:
 
     def set_scale(self, factor: float) -> None:
         """Multiply every layer's configured scaling by `factor` (0 disables the adapters)."""
+        self._refuse_if_merged("set_scale")
         for entry in self.adapters.entries.values():
             entry.scaling.fill_(entry.resolved.scaling * factor)
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, *, safe_merge: bool = False, keep_original: bool = True) -> None:
+        """Run merged weights and no adapter compute (see `lora_fx.merge`).
+
+        The attached model's adapted weights get merged values: with `keep_original`, each
+        `nn.Parameter` is pointed at a new merged tensor and the original tensor is kept aside
+        (unmerge points it back: bit-exact; costs one weight-sized tensor per adapted layer
+        while merged); without, the merged values are written in place (no extra memory) and
+        unmerge subtracts. The compiled model switches to a graph without adapters: compiled
+        once per mode, ever, however often merge/unmerge alternate.
+        """
+        from .passes.merge_adapters import check_mergeable, merged_weight
+
+        if self._model is None:
+            raise LoraFxError("merge needs the model: attach it first with lora.parameters(model)")
+        if self.merged:
+            raise LoraFxError("the adapters are already merged")
+        check_mergeable(self.adapters)
+        weights = {name: self._model.get_submodule(name).weight for name in self.adapters.entries}
+        _check_untied(self._model, weights)
+        merged = {name: merged_weight(self.adapters.entries[name], w, safe_merge=safe_merge)
+                  for name, w in weights.items()}  # all computed (and checked) before any is installed
+        with torch.no_grad():
+            if keep_original:
+                self._originals = {}
+                for name, w in weights.items():
+                    self._originals[name] = w.data
+                    w.data = merged[name]
+            else:
+                self._originals = None
+                for name, w in weights.items():
+                    w.copy_(merged[name])
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Back to adapter compute over the original weights (bit-exact after a default merge)."""
+        from .passes.merge_adapters import subtracted_weight
+
+        if not self.merged:
+            raise LoraFxError("the adapters are not merged")
+        with torch.no_grad():
+            for name, entry in self.adapters.entries.items():
+                w = self._model.get_submodule(name).weight
+                if self._originals is not None:
+                    w.data = self._originals[name]
+                else:
+                    w.copy_(subtracted_weight(entry, w))
+        self._originals = None
+        self.merged = False
+
+    def _refuse_if_merged(self, what: str) -> None:
+        if self.merged:
+            raise LoraFxError(f"{what} while the adapters are merged would leave stale merged weights; "
+                              "call lora_fx.unmerge(lora) first")
 
     # -- the backend -------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
@@ -172,16 +236,28 @@ class LoraBackend:
         # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
         # reads `self.training` itself: follow the attached model's mode at call time, compiling
         # a graph per mode the first time that mode is seen (at most two, ever).
+        # Merged, the graph is Dynamo's own (the weights it reads hold merged values).
         follow_mode = self._model is not None and self.config.lora_dropout > 0
-        mode = bool(self._model.training) if follow_mode else False
-        compiled = {mode: self._build_and_compile(gm, list(example_inputs), mode)}
+
+        def current_key():
+            if self.merged:
+                return "merged"
+            return bool(self._model.training) if follow_mode else False
+
+        def build(key, inputs):
+            if key == "merged":
+                return self._compile(_copy_graph_module(gm), inputs), []
+            return self._build_and_compile(gm, inputs, key)
+
+        first = current_key()
+        compiled = {first: build(first, list(example_inputs))}
 
         def run(*args):
-            m = bool(self._model.training) if follow_mode else mode
-            if m not in compiled:
-                compiled[m] = self._build_and_compile(gm, list(args), m)
-            fn, feeds = compiled[m]
-            return fn(*args, *[_feed(entry, key) for entry, key in feeds])
+            key = current_key()
+            if key not in compiled:
+                compiled[key] = build(key, list(args))
+            fn, feeds = compiled[key]
+            return fn(*args, *[_feed(entry, k) for entry, k in feeds])
 
         return run
 
@@ -212,7 +288,9 @@ class LoraBackend:
                 feeds.append((entry, key))
             return cache[entry.name, key]
 
-        inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders)
+        # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
+        inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders,
+                        needs_grad=torch.is_grad_enabled() or not self.inference_form)
         # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
         work = fx.GraphModule(work, graph)
         fn = self._compile(work, example_inputs + [_feed(entry, key) for entry, key in feeds])
@@ -244,6 +322,22 @@ class LoraBackend:
                     f"{layer.name}: the compiled graph has a {layer.kind} ({layer.in_features} -> "
                     f"{layer.out_features}) but the adapter was made for a {have.kind} ({have.in_features} -> "
                     f"{have.out_features})")
+
+
+def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse to merge into a weight that another module also uses (tied weights)."""
+    from .errors import UnsupportedFeatureError
+
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mod_name)
+    for name, w in weights.items():
+        others = sorted(set(owners.get(id(w), [])) - {name})
+        if others:
+            raise UnsupportedFeatureError(
+                f"cannot merge the adapter of {name!r}: its weight is shared with {', '.join(map(repr, others))} "
+                "(tied weights); merging would change those layers too. Untie the weights, or run unmerged")
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

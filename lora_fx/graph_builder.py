@@ -66,6 +66,12 @@ class GraphBuilder:
         val = node_value(node)
         return val.dtype if isinstance(val, torch.Tensor) else default
 
+    @staticmethod
+    def shape_of(node: fx.Node) -> list | None:
+        """The node's shape (ints where static, SymInts where dynamic); None if the graph has no values."""
+        val = node_value(node)
+        return list(val.shape) if isinstance(val, torch.Tensor) else None
+
     def cast(self, node: fx.Node, dtype: torch.dtype, current: torch.dtype) -> fx.Node:
         if dtype == current:
             return node

@@ -66,16 +66,24 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
     raise LoraFxError(f"transform takes an ExportedProgram or a torch.fx.GraphModule, got {type(program).__name__}")
 
 
-def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) -> ExportedProgram:
+def _copy_program_graph(ep: ExportedProgram) -> tuple[fx.GraphModule, ExportGraphSignature]:
     graph = fx.Graph()
     copied: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(ep.graph, copied))  # the caller's program stays as it was
     gm = fx.GraphModule(ep.graph_module, graph)
     # Copying may rename nodes (FX avoids builtins such as `input`): carry the signature over.
     renamed = {old.name: new.name for old, new in copied.items()}
-    sig = _renamed_signature(ep.graph_signature, renamed)
+    return gm, _renamed_signature(ep.graph_signature, renamed)
+
+
+def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, *,
+                       adapters: AdapterSet | None = None, weights: dict | None = None) -> ExportedProgram:
+    """`adapters`/`weights`: re-inject an existing adapter set over these base weights (unmerge)."""
+    gm, sig = _copy_program_graph(ep)
+    graph = gm.graph
     site_nodes = find_targets(gm, dict(sig.inputs_to_parameters))
-    adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
+    if adapters is None:
+        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -109,7 +117,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) 
         return node
 
     user_inputs = [n for n in placeholders if n.name in sig.user_inputs]
-    inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs)
+    inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs, needs_grad=train)
 
     old_specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
     input_specs = []
@@ -120,17 +128,10 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) 
         if spec is None:
             raise LoraFxError(f"internal: placeholder {node.name!r} has no input spec")  # pragma: no cover
         input_specs.append(spec)
-    # An adapted layer's output may be a program output: outputs now name the adapter's result.
-    outputs = next(n for n in graph.nodes if n.op == "output").args[0]
-    output_specs = []
-    for spec, node in zip(sig.output_specs, outputs, strict=True):
-        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node):
-            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
-        output_specs.append(spec)
-    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=output_specs)
+    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_repointed_outputs(graph, sig))
 
     state_dict = {}
-    for key, value in ep.state_dict.items():
+    for key, value in {**ep.state_dict, **(weights or {})}.items():
         if isinstance(value, nn.Parameter):
             owner, _, leaf = key.rpartition(".")
             trainable = (cfg.bias == "all" and leaf == "bias") or (
@@ -138,13 +139,30 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype) 
             value = nn.Parameter(value.detach(), requires_grad=trainable)  # shares storage
         state_dict[key] = value
     state_dict.update(state)
-    new_ep = ExportedProgram(
-        root=gm, graph=gm.graph, graph_signature=new_sig, state_dict=state_dict,
+    new_ep = _new_program(ep, gm, new_sig, state_dict)
+    new_ep.lora_fx_adapters = adapters  # for save_adapter(ep)
+    new_ep.lora_fx_train = train
+    return new_ep
+
+
+def _new_program(ep: ExportedProgram, gm: fx.GraphModule, sig: ExportGraphSignature, state_dict) -> ExportedProgram:
+    return ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=sig, state_dict=state_dict,
         range_constraints=copy.copy(ep.range_constraints), module_call_graph=copy.deepcopy(ep.module_call_graph),
         example_inputs=ep.example_inputs, constants=ep.constants, verifiers=[ep.verifier],
     )
-    new_ep.lora_fx_adapters = adapters  # for save_adapter(ep)
-    return new_ep
+
+
+def _repointed_outputs(graph: fx.Graph, sig: ExportGraphSignature) -> list:
+    """Output specs naming the graph's current output nodes (an adapted layer's output may be a
+    program output: injecting renames it to the adapter's result, merging back)."""
+    outputs = next(n for n in graph.nodes if n.op == "output").args[0]
+    output_specs = []
+    for spec, node in zip(sig.output_specs, outputs, strict=True):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node):
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+        output_specs.append(spec)
+    return output_specs
 
 
 def _renamed_signature(sig: ExportGraphSignature, renamed: dict[str, str]) -> ExportGraphSignature:
@@ -165,15 +183,23 @@ def _first_user_input(graph: fx.Graph, sig: ExportGraphSignature):
     return next((n for n in graph.nodes if n.op == "placeholder" and n.name in non_buffer_or_param), None)
 
 
-def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_dtype) -> fx.GraphModule:
+def _copy_graph_module(gm_in: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(gm_in.graph._codegen)  # keep e.g. ep.module()'s pytree calling convention
     graph.output(graph.graph_copy(gm_in.graph, {}))
     gm = fx.GraphModule(gm_in, graph)
     if hasattr(gm_in, "_in_spec"):
         gm._in_spec, gm._out_spec = gm_in._in_spec, gm_in._out_spec
+    return gm
+
+
+def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_dtype, *,
+                            adapters: AdapterSet | None = None) -> fx.GraphModule:
+    gm = _copy_graph_module(gm_in)
+    graph = gm.graph
     site_nodes = find_targets(gm)
-    adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
+    if adapters is None:
+        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)
@@ -195,11 +221,12 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
             cache[entry.name, key] = node
         return cache[entry.name, key]
 
-    inject_adapters(gm, site_nodes, adapters, provide, training=train)
+    inject_adapters(gm, site_nodes, adapters, provide, training=train, needs_grad=train)
     for name, p in gm.named_parameters():
         if not name.startswith(ADAPTERS_ATTR + "."):
             p.requires_grad_(False)
     gm.lora_fx_adapters_set = adapters
+    gm.lora_fx_train = train
     return gm
 
 
@@ -228,6 +255,9 @@ def _adapters_of(obj) -> AdapterSet:
         adapters = getattr(obj, attr, None)
         if isinstance(adapters, AdapterSet):
             return adapters
+    record = getattr(obj, "lora_fx_merged", None)  # a merged program still knows its adapter
+    if record is not None:
+        return record.adapters
     raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
 
 

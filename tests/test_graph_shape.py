@@ -25,22 +25,71 @@ def _added(before, after):
     return diff
 
 
-def test_linear_site_adds_exactly_four_nodes_and_three_inputs():
+def test_linear_site_training_form_adds_four_nodes_and_three_inputs():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     x = torch.randn(2, 8)
     ep = torch.export.export(model, (x,))
-    ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0", "2"]))
+    ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0", "2"]), train=True)
     added = _added(ep.graph, ep2.graph)
     assert added == Counter({"aten.linear.default": 4, "aten.mul.Tensor": 2, "aten.add.Tensor": 2})
     assert _ops(ep2.graph, skip_adapter=True) == _ops(ep.graph)
     n_in = len([n for n in ep.graph.nodes if n.op == "placeholder"])
     assert len([n for n in ep2.graph.nodes if n.op == "placeholder"]) == n_in + 6  # A, B, scaling per site
+    # The scaling multiplies the rank-r intermediate, before B.
     FileCheck().check("linear = torch.ops.aten.linear.default(input_1, p_0_weight, p_0_bias)") \
         .check("linear_default = torch.ops.aten.linear.default(input_1, p_0_lora_a_weight)") \
-        .check("linear_default_1 = torch.ops.aten.linear.default(linear_default, p_0_lora_b_weight, None)") \
-        .check("mul_tensor = torch.ops.aten.mul.Tensor(linear_default_1, b_0_lora_scaling)") \
-        .check("add_tensor = torch.ops.aten.add.Tensor(linear, mul_tensor)") \
+        .check("mul_tensor = torch.ops.aten.mul.Tensor(linear_default, b_0_lora_scaling)") \
+        .check("linear_default_1 = torch.ops.aten.linear.default(mul_tensor, p_0_lora_b_weight, None)") \
+        .check("add_tensor = torch.ops.aten.add.Tensor(linear, linear_default_1)") \
         .check("relu = torch.ops.aten.relu.default(add_tensor)").run(ep2.graph_module.code)
+
+
+def test_linear_site_inference_form_accumulates_into_the_base_output():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 5, 8)
+    ep = torch.export.export(model, (x,))
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    ep2 = lora_fx.transform(ep, cfg)  # train=False: the inference form
+    # per site: x -> 2-D, x·Aᵀ, ·s, base -> 2-D, addmm(base, h, Bᵀ), back to the base's shape
+    assert _added(ep.graph, ep2.graph) == Counter({
+        "aten.reshape.default": 6, "aten.t.default": 4, "aten.mm.default": 2, "aten.mul.Tensor": 2,
+        "aten.addmm.default": 2})
+    assert _ops(ep2.graph, skip_adapter=True) == _ops(ep.graph)
+    FileCheck().check("linear = torch.ops.aten.linear.default(input_1, p_0_weight, p_0_bias)") \
+        .check("mm_default = torch.ops.aten.mm.default(reshape_default, t_default)") \
+        .check("mul_tensor = torch.ops.aten.mul.Tensor(mm_default, b_0_lora_scaling)") \
+        .check("reshape_default_1 = torch.ops.aten.reshape.default(linear, [-1, 8])") \
+        .check("addmm_default = torch.ops.aten.addmm.default(reshape_default_1, mul_tensor, t_default_1)") \
+        .check("reshape_default_2 = torch.ops.aten.reshape.default(addmm_default, [3, 5, 8])") \
+        .check("relu = torch.ops.aten.relu.default(reshape_default_2)").run(ep2.graph_module.code)
+    train_form = lora_fx.transform(ep, cfg, train=True)
+    train_form.lora_fx_adapters.load_peft_state_dict(ep2.lora_fx_adapters.peft_state_dict())  # same values
+    with torch.no_grad():
+        want = train_form.module()(x)
+        got = ep2.module()(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - ep.module()(x)).abs().max() > 1e-3  # the adapter is not a no-op here
+
+
+def test_backend_uses_the_inference_form_only_without_grad():
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append(Counter(str(n.target) for n in gm.graph.nodes if ADAPTER_KEY in n.meta))
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), inner=capture)
+    lora.parameters(model)
+    fast = torch.compile(model, backend=lora, fullgraph=True)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        inference = fast(x)
+    training = fast(x)
+    assert seen[0]["aten.addmm.default"] == 1 and "aten.add.Tensor" not in seen[0]
+    assert seen[1]["aten.add.Tensor"] == 1 and "aten.addmm.default" not in seen[1]
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_conv_and_embedding_and_conv1d_sites():
@@ -55,10 +104,11 @@ def test_conv_and_embedding_and_conv1d_sites():
     ids = torch.randint(0, 128, (2, 8))
     ep = torch.export.export(gpt, (ids,))
     ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["c_attn", "wte"]))
-    # wte: t, embedding, linear, mul, add; two c_attn (Conv1D addmm): linear, linear, mul, add
+    # wte: t, embedding, mul, linear, add; two c_attn (Conv1D addmm) in the inference form:
+    # reshape x, t(A), mm, mul, reshape base, t(B), addmm, reshape back
     assert _added(ep.graph, ep2.graph) == Counter({
-        "aten.t.default": 1, "aten.embedding.default": 1, "aten.linear.default": 1 + 4,
-        "aten.mul.Tensor": 3, "aten.add.Tensor": 3})
+        "aten.t.default": 1 + 4, "aten.embedding.default": 1, "aten.linear.default": 1, "aten.mul.Tensor": 3,
+        "aten.add.Tensor": 1, "aten.reshape.default": 6, "aten.mm.default": 2, "aten.addmm.default": 2})
     assert _ops(ep2.graph, skip_adapter=True) == _ops(ep.graph)
 
 

@@ -211,6 +211,13 @@ def find_targets(gm: fx.GraphModule, param_names: dict[str, str] | None = None) 
     return found
 
 
+def weight_node(node: fx.Node) -> fx.Node | None:
+    """The weight argument of an adaptable op call (None for `call_module` sites)."""
+    parsed = _parse_call(node) if node.op == "call_function" else None
+    weight = parsed[2] if parsed is not None else None
+    return weight if isinstance(weight, fx.Node) else None
+
+
 def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
     """One LayerInfo per layer name (a layer called twice is one layer)."""
     seen: dict[str, LayerInfo] = {}

@@ -8,7 +8,8 @@ registered parameters (plain GraphModules): never as constants, so new adapter v
 recompilation.
 
 Invariants: the base call and its inputs are untouched; every added node carries
-`meta["lora_fx_adapter"] = layer name` (what a merge pass removes) and inherits the site's
+`meta["lora_fx_adapter"] = layer name` (what the merge pass removes), every provided input
+`meta["lora_fx_input"] = (layer name, key)`, and each added node inherits the site's
 `nn_module_stack`/`stack_trace`; `meta["val"]` is kept right where the graph has values.
 """
 
@@ -25,12 +26,14 @@ from .find_targets import SITE_KEY
 
 ADAPTER_KEY = "lora_fx_adapter"
 OUTPUT_KEY = "lora_fx_output"
+INPUT_KEY = "lora_fx_input"
 
 Provide = Callable[[AdapterEntry, str], fx.Node]
 
 
 def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
-                    *, training: bool = False, user_inputs: list[fx.Node] | None = None) -> int:
+                    *, training: bool = False, user_inputs: list[fx.Node] | None = None,
+                    needs_grad: bool = True) -> int:
     """Rewrite `gm` in place; return the number of sites adapted."""
     fake_mode = graph_fake_mode(gm.graph)
     done = 0
@@ -41,9 +44,11 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
             continue
         params = {key: provide(entry, key) for key in entry.tensors}
         scale = provide(entry, SCALING_KEY)
+        for key, provided in [*params.items(), (SCALING_KEY, scale)]:
+            provided.meta[INPUT_KEY] = (entry.name, key)
         builder = GraphBuilder(gm.graph, node, fake_mode)
         call = SiteCall(layer=site.layer, x=node.args[site.input_index], base_out=node, training=training,
-                        graph_inputs=list(user_inputs or []))
+                        graph_inputs=list(user_inputs or []), needs_grad=needs_grad)
         new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
         created = set(builder.created)
         for n in created:

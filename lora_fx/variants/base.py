@@ -11,8 +11,9 @@ Designed for the variants to come:
 - aLoRA needs a mask from `input_ids`: `SiteCall.graph_inputs` gives the user inputs.
 - BdLoRA declares block-diagonal shapes in `tensors` and emits an einsum or a custom op.
 - Raw-parameter targets: `SiteCall.kind == "parameter"` with `site.weight` the parameter node.
-`merged_weight` returns the merged weight or None when a variant cannot merge (aLoRA, QALoRA);
-the merge pass (separate issue) turns None into an error naming the site.
+Merging: `merge_blocker` says why a layer cannot merge (None when it can; aLoRA, QALoRA and
+grouped convs say why), `merged_weight` / `unmerged_weight` fold the adapter into the base
+weight and back by arithmetic (the bit-exact unmerge keeps the original instead).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class SiteCall:
         base_out: the node computing the base layer's output.
         training: whether dropout is active in this graph.
         graph_inputs: user-input placeholders, for variants that read e.g. input_ids.
+        needs_grad: whether gradients may flow through this graph. A variant may emit a faster
+            inference-only form when False; both forms must compute the same values.
     """
 
     layer: LayerInfo
@@ -52,6 +55,7 @@ class SiteCall:
     base_out: fx.Node
     training: bool
     graph_inputs: list[fx.Node] = field(default_factory=list)
+    needs_grad: bool = True
 
 
 class Variant:
@@ -76,8 +80,29 @@ class Variant:
              params: dict[str, fx.Node], scale: fx.Node) -> fx.Node:
         raise NotImplementedError
 
-    def merged_weight(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
-                      layer: LayerInfo) -> torch.Tensor | None:
-        """`W'` such that the base layer with `W'` equals the adapted layer; None: cannot merge."""
-        return None
+    # -- merging (lora_fx.merge / unmerge) -------------------------------------------------------
+    def merge_blocker(self, res: Resolved, cfg: LoraConfig) -> str | None:
+        """Why this layer's adapter cannot be folded into its base weight, or None if it can.
 
+        The merge pass turns a reason into an error naming the layer; variants whose output is
+        not a fixed linear map of the input (aLoRA: token-dependent; QALoRA: pooled input) say so
+        here."""
+        return f"the {self.name!r} variant has no merge rule"
+
+    def merged_weight(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
+                      layer: LayerInfo) -> torch.Tensor:
+        """`W'` (weight's dtype and layout) such that the base layer with `W'` computes the adapted
+        layer. Computed in fp32. Default: `W + delta_weight`."""
+        delta = self.delta_weight(weight, tensors, scaling, layer)
+        return (weight.float() + delta).to(weight.dtype)
+
+    def unmerged_weight(self, merged: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
+                        layer: LayerInfo) -> torch.Tensor:
+        """The inverse of `merged_weight` by arithmetic (the subtract mode: not bit-exact)."""
+        delta = self.delta_weight(merged, tensors, scaling, layer)
+        return (merged.float() - delta).to(merged.dtype)
+
+    def delta_weight(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
+                     layer: LayerInfo) -> torch.Tensor:
+        """The adapter as an fp32 update in the base weight's layout."""
+        raise NotImplementedError

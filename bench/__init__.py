@@ -1,0 +1,1 @@
+"""lora_fx benchmarks: `python -m bench` (see bench/harness.py and docs/performance.md)."""

@@ -1,0 +1,413 @@
+"""The lora_fx benchmark: base vs PEFT vs lora_fx, eager and compiled, side by side in one process.
+
+    python -m bench                 # the CPU table (hidden 512, 4 layers, batch 4 x 128, r=16)
+    python -m bench --preset gpu    # a 1B-shaped Llama in bf16 on CUDA
+    python -m bench --smoke         # tiny shapes, aot_eager; what the test suite runs
+
+Every row gets its own copy of one randomly initialised Llama (built from a config, no hub).
+Timed calls are interleaved across rows (rep 1 of every row, then rep 2, ...) so that drifts in
+machine speed hit every row alike; each cell is the median after warm-up. Ratios compare rows of
+the same mode (eager with eager base, compiled with compiled base) and are printed beside the
+FLOP floors that bound them:
+- forward floor: (base FLOPs + adapter FLOPs) / base FLOPs, adapters at 2·r·(in+out) per token;
+- training-step floor: (frozen-base FLOPs + 3 × adapter forward FLOPs) / frozen-base FLOPs, where
+  the frozen base is the model's forward + backward to its input with every weight frozen (the
+  adapters' backward costs twice their forward: grads of both factors and of their input).
+Base FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on the eager model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+PRESETS = {
+    # name: model shape, tokens, rank, timing reps, device, dtype
+    "cpu": dict(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=8, vocab=2048, batch=4, seq=128,
+                r=16, reps=15, warmup=2, device="cpu", dtype="float32"),
+    "gpu": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, batch=4, seq=512,
+                r=16, reps=30, warmup=3, device="cuda", dtype="bfloat16"),
+    "smoke": dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=128, batch=2, seq=16,
+                  r=4, reps=3, warmup=1, device="cpu", dtype="float32"),
+}
+# transform() wall time is measured on 7B-shaped Llamas on the meta device (no weights in memory).
+SCALING_SHAPE = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
+SCALING_LAYERS = {"full": (8, 16, 32), "smoke": (1, 2)}
+
+
+@dataclasses.dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    batch: int
+    seq: int
+    r: int
+    reps: int
+    warmup: int
+    device: str
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        return (f"Llama hidden {self.hidden}, intermediate {self.intermediate}, {self.layers} layers, "
+                f"{self.heads} heads ({self.kv_heads} kv), vocab {self.vocab}; batch {self.batch} x seq {self.seq}; "
+                f"r={self.r} all-linear; {self.dtype}")
+
+
+def llama(shape: Shape, layers: int | None = None, device: str | torch.device | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab, use_cache=False,
+                      max_position_embeddings=max(2048, shape.seq))
+    with torch.device(device or shape.device):
+        return LlamaForCausalLM(cfg).to(shape.torch_dtype)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+class CountingBackend:
+    """Wraps a Dynamo backend and counts the graphs it is asked to compile."""
+
+    def __init__(self, inner: str | Callable):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.inner = lookup_backend(inner) if isinstance(inner, str) else inner
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs)
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak extra memory one call allocates through PyTorch's allocator.
+
+    CUDA: `max_memory_allocated` over the pre-call allocation. CPU: the running sum of the
+    profiler's allocator events (`profile_memory=True`), i.e. the CPU caching-free allocator's
+    view, independent of how glibc keeps freed pages (an RSS delta is ~0 after warm-up).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+# -- the rows ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    mode: str                       # "eager" | "compiled": ratios compare within a mode
+    forward: Callable[[], object]
+    step: Callable[[], object]
+    counter: CountingBackend | None = None
+    fwd_times: list[float] = dataclasses.field(default_factory=list)
+    step_times: list[float] = dataclasses.field(default_factory=list)
+    first_call_s: float = 0.0
+    graphs: int | None = None
+    breaks: int | None = None
+    recompiles: int | None = None
+    fwd_peak: int = 0
+    step_peak: int = 0
+
+
+def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablations: bool = False) -> list[Row]:
+    import peft
+
+    import lora_fx
+
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(shape.device)
+    rows: list[Row] = []
+
+    def forward_of(model, fn):
+        def forward():
+            model.eval()
+            with torch.no_grad():
+                return fn(ids).logits
+        return forward
+
+    def step_of(model, fn, opt):
+        def step():
+            model.train()
+            loss = fn(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def frozen_step_of(model, fn):
+        embed = model.get_input_embeddings()
+
+        def step():
+            model.train()
+            x = embed(ids).detach().requires_grad_()
+            fn(inputs_embeds=x, labels=ids).loss.backward()
+        return step
+
+    if "base" in which:
+        for mode in ("eager", "compiled"):
+            model = copy.deepcopy(base_model).requires_grad_(False)
+            counter = CountingBackend(compiler) if mode == "compiled" else None
+            fn = torch.compile(model, backend=counter) if counter else model
+            rows.append(Row(f"base ({'compiled' if counter else 'eager'}); step = frozen-base fwd+bwd to input",
+                            mode, forward_of(model, fn), frozen_step_of(model, fn), counter))
+
+    peft_cfg = dict(r=shape.r, lora_alpha=2 * shape.r, target_modules="all-linear", lora_dropout=0.0)
+    if "peft" in which:
+        for mode in ("eager", "compiled"):
+            model = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(**peft_cfg))
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            counter = CountingBackend(compiler) if mode == "compiled" else None
+            fn = torch.compile(model, backend=counter) if counter else model
+            rows.append(Row(f"PEFT ({mode})", mode, forward_of(model, fn), step_of(model, fn, opt), counter))
+
+    if "lora_fx" in which:
+        for mode in ("eager", "compiled"):
+            model = copy.deepcopy(base_model)
+            counter = CountingBackend(compiler if mode == "compiled" else "eager")
+            lora = lora_fx.backend(lora_fx.LoraConfig(**peft_cfg), inner=counter)
+            opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
+            fn = torch.compile(model, backend=lora, fullgraph=True)
+            inner = f"inner={compiler}" if mode == "compiled" else "inner=eager: FX graph run op by op"
+            label = f"lora_fx backend ({inner})"
+            rows.append(Row(label, mode, forward_of(model, fn), step_of(model, fn, opt), counter))
+        if ablations:  # lora_fx's own levers switched off, in the same run
+            model = copy.deepcopy(base_model)
+            counter = CountingBackend(compiler)
+            lora = lora_fx.backend(lora_fx.LoraConfig(**peft_cfg), inner=counter, inference_form=False)
+            opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
+            fn = torch.compile(model, backend=lora, fullgraph=True)
+            rows.append(Row(f"lora_fx backend (inner={compiler}, inference_form=False)", "compiled",
+                            forward_of(model, fn), step_of(model, fn, opt), counter))
+    return rows
+
+
+def flop_floors(base_model, shape: Shape) -> tuple[float, float, float]:
+    """(forward floor, training-step floor, adapter forward GFLOPs) for r=shape.r all-linear."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(base_model).requires_grad_(False)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=shape.device)
+    with FlopCounterMode(display=False) as fwd_counter, torch.no_grad():
+        model(ids)
+    x = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with FlopCounterMode(display=False) as step_counter:
+        model(inputs_embeds=x, labels=ids).loss.backward()
+    tokens = shape.batch * shape.seq
+    adapter = 0
+    lm_head = base_model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not lm_head:
+            adapter += 2 * tokens * shape.r * (module.in_features + module.out_features)
+    fwd, step = fwd_counter.get_total_flops(), step_counter.get_total_flops()
+    return (fwd + adapter) / fwd, (step + 3 * adapter) / step, adapter / 1e9
+
+
+def measure(rows: list[Row], shape: Shape) -> None:
+    dev = shape.device
+    for row in rows:
+        breaks_before = graph_breaks()
+        start = time.perf_counter()
+        row.forward()
+        row.step()
+        synchronize(dev)
+        row.first_call_s = time.perf_counter() - start
+        for _ in range(shape.warmup):
+            row.forward()
+            row.step()
+        if row.counter is not None:
+            row.graphs = row.counter.graphs
+            row.breaks = graph_breaks() - breaks_before
+    for _ in range(shape.reps):
+        for row in rows:  # interleaved: every row sees the same machine
+            row.fwd_times.append(timed(row.forward, dev))
+            row.step_times.append(timed(row.step, dev))
+    for row in rows:
+        if row.counter is not None:
+            row.recompiles = row.counter.graphs - row.graphs  # graphs compiled after warm-up
+        row.fwd_peak = peak_bytes(row.forward, dev)
+        row.step_peak = peak_bytes(row.step, dev)
+
+
+# -- transform() scaling -----------------------------------------------------------------------
+
+def transform_scaling(layer_counts, r: int) -> list[tuple[int, float, float, int]]:
+    """(layers, export s, transform s, sites) for 7B-shaped Llamas on the meta device."""
+    import lora_fx
+
+    shape = Shape(**SCALING_SHAPE, layers=1, batch=1, seq=16, r=r, reps=1, warmup=0, device="meta", dtype="float32")
+    out = []
+    for n in layer_counts:
+        model = llama(shape, layers=n, device="meta").eval()
+        ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+        start = time.perf_counter()
+        ep = torch.export.export(model, (ids,))
+        exported = time.perf_counter()
+        ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=r, target_modules="all-linear"))
+        done = time.perf_counter()
+        sites = sum(1 for k in ep2.state_dict if k.endswith("lora_A.weight"))
+        out.append((n, exported - start, done - exported, sites))
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def _ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def environment(shape: Shape) -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    import peft
+    import transformers
+
+    if shape.device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    return (f"device: {device}; torch {torch.__version__}, triton {triton_version}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}; python {platform.python_version()}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def report(rows: list[Row], shape: Shape, floors, scaling, command: str) -> str:
+    fwd_floor, step_floor, adapter_gflops = floors
+    base = {r.mode: r for r in rows if r.name.startswith("base")}
+    lines = [f"`{command}`", "", environment(shape), "", shape.describe(), "",
+             f"FLOP floors: forward {fwd_floor:.3f}x base; training step {step_floor:.3f}x the frozen-base "
+             f"step (adapters: {adapter_gflops:.3g} GFLOP per forward). Medians of {shape.reps} interleaved "
+             f"reps after {shape.warmup} warm-up. Peak memory: "
+             + ("CUDA max_memory_allocated over the pre-call allocation." if shape.device.startswith("cuda")
+                else "CPU allocator events (torch.profiler profile_memory), peak over the call's start."),
+             "",
+             "| row | fwd ms | fwd / base (floor) | step ms | step / frozen base (floor) | fwd peak MB "
+             "| step peak MB | graphs | graph breaks | recompiles | first fwd+step s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ref = base.get(row.mode)
+        fwd, step = _ms(row.fwd_times), _ms(row.step_times)
+        if ref is not None and ref is not row:
+            fwd_ratio = f"{fwd / _ms(ref.fwd_times):.3f} ({fwd_floor:.3f})"
+            step_ratio = f"{step / _ms(ref.step_times):.3f} ({step_floor:.3f})"
+        else:
+            fwd_ratio = step_ratio = "1 (ref)" if ref is row else "-"
+        opt = [str(v) if v is not None else "-" for v in (row.graphs, row.breaks, row.recompiles)]
+        lines.append(f"| {row.name} | {fwd:.2f} | {fwd_ratio} | {step:.2f} | {step_ratio} | {_mb(row.fwd_peak)} "
+                     f"| {_mb(row.step_peak)} | {' | '.join(opt)} | {row.first_call_s:.1f} |")
+    if scaling:
+        lines += ["", "`transform()` on a 7B-shaped Llama (hidden 4096, intermediate 11008, vocab 32000) exported "
+                  "on the meta device, r=16 all-linear:", "",
+                  "| layers | sites | torch.export s | lora_fx.transform s | transform ms / layer |",
+                  "|---:|---:|---:|---:|---:|"]
+        for n, export_s, transform_s, sites in scaling:
+            lines.append(f"| {n} | {sites} | {export_s:.2f} | {transform_s:.3f} | {transform_s / n * 1e3:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="shape preset (default: cpu, or gpu "
+                   "when CUDA is available)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, aot_eager, few reps (the test suite)")
+    p.add_argument("--compiler", default=None, help="Dynamo backend of the compiled rows (default inductor; "
+                   "aot_eager with --smoke)")
+    p.add_argument("--rows", default="base,peft,lora_fx", help="comma-separated subset of base,peft,lora_fx")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--ablations", action="store_true", help="add lora_fx rows with its optimisations off")
+    p.add_argument("--no-scaling", action="store_true", help="skip the transform() scaling table")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    preset = "smoke" if args.smoke else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    shape = Shape(**PRESETS[preset])
+    if args.reps:
+        shape.reps = args.reps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")
+    which = {w.strip() for w in args.rows.split(",") if w.strip()}
+    unknown = which - {"base", "peft", "lora_fx"}
+    if unknown or "base" not in which:
+        raise SystemExit(f"--rows must include base and only name base, peft, lora_fx (got {args.rows!r})")
+
+    torch.manual_seed(0)
+    base_model = llama(shape)
+    rows = make_rows(base_model, shape, compiler, which, args.ablations)
+    floors = flop_floors(base_model, shape)
+    measure(rows, shape)
+    scaling = [] if args.no_scaling else transform_scaling(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r)
+    command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = report(rows, shape, floors, scaling, command.strip())
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table)
+    return table
+

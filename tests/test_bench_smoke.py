@@ -1,0 +1,48 @@
+"""The benchmark harness runs end to end on tiny shapes, so it cannot rot between measurements."""
+
+from __future__ import annotations
+
+import re
+
+from bench.harness import main
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """The main table's rows: row name -> cells."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| row |")) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_smoke_table(tmp_path):
+    out = tmp_path / "table.md"
+    table = main(["--smoke", "--out", str(out)])
+    assert out.read_text() == table
+    assert "torch " in table and "hidden 64" in table
+
+    floors = re.search(r"FLOP floors: forward ([\d.]+)x base; training step ([\d.]+)x", table)
+    fwd_floor, step_floor = float(floors.group(1)), float(floors.group(2))
+    # r=4 adapters on hidden 64 / intermediate 96: a known share of the base FLOPs.
+    assert 1.05 < fwd_floor < 1.3 and 1.05 < step_floor < 1.4
+
+    rows = _rows(table)
+    names = list(rows)
+    assert [n.split(" (")[0] for n in names] == ["base"] * 2 + ["PEFT"] * 2 + ["lora_fx backend"] * 2
+    for name, cells in rows.items():
+        fwd_ms, step_ms = float(cells[0]), float(cells[2])
+        assert fwd_ms > 0 and step_ms > 0, name
+        assert float(cells[4]) >= 0 and float(cells[5]) > 0, f"{name}: no memory measured for a training step"
+    for name in names[2:]:
+        assert re.fullmatch(r"[\d.]+ \([\d.]+\)", rows[name][1]), rows[name]
+    lora_compiled = rows[names[-1]]
+    graphs, breaks, recompiles = (int(c) for c in lora_compiled[6:9])
+    assert graphs == 2 and breaks == 0 and recompiles == 0  # one graph per (grad, no-grad), fullgraph
+
+    scaling = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)
+    assert [(int(n), int(s)) for n, s in scaling] == [(1, 7), (2, 14)]
