@@ -1,16 +1,18 @@
 """lora_fx: LoRA as a compiler pass for torch.compile and torch.export.
 
 Public API:
-    LoraConfig, backend, LoraBackend, transform, save_adapter, load_adapter, and the errors.
+    LoraConfig, backend, LoraBackend, transform, merge, unmerge, save_adapter, load_adapter, and
+    the errors.
 """
 
 from .backend import LoraBackend, backend
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError, TargetNotFoundError, UnsupportedFeatureError
+from .merging import merge, unmerge
 from .program import load_adapter, save_adapter, transform
 
 __all__ = [
     "AdapterFileError", "ConfigError", "LoraBackend", "LoraConfig", "LoraFxError", "TargetNotFoundError",
-    "UnsupportedFeatureError", "backend", "load_adapter", "save_adapter", "transform",
+    "UnsupportedFeatureError", "backend", "load_adapter", "merge", "save_adapter", "transform", "unmerge",
 ]
 __version__ = "0.1.0"
