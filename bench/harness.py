@@ -151,7 +151,7 @@ class Row:
     name: str
     mode: str                       # "eager" | "compiled": ratios compare within a mode
     forward: Callable[[], object]
-    step: Callable[[], object]
+    step: Callable[[], object] | None  # None: an inference-only row
     counter: CountingBackend | None = None
     fwd_times: list[float] = dataclasses.field(default_factory=list)
     step_times: list[float] = dataclasses.field(default_factory=list)
@@ -161,6 +161,9 @@ class Row:
     recompiles: int | None = None
     fwd_peak: int = 0
     step_peak: int = 0
+
+    def calls(self) -> list[Callable[[], object]]:
+        return [self.forward] + ([self.step] if self.step is not None else [])
 
 
 def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablations: bool = False) -> list[Row]:
@@ -224,6 +227,14 @@ def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablation
             inner = f"inner={compiler}" if mode == "compiled" else "inner=eager: FX graph run op by op"
             label = f"lora_fx backend ({inner})"
             rows.append(Row(label, mode, forward_of(model, fn), step_of(model, fn, opt), counter))
+        # Merged: the adapters folded into the weights (inference only: nothing left to train).
+        model = copy.deepcopy(base_model)
+        counter = CountingBackend(compiler)
+        lora = lora_fx.backend(lora_fx.LoraConfig(**peft_cfg), inner=counter)
+        lora.parameters(model)
+        lora_fx.merge(lora)
+        fn = torch.compile(model, backend=lora, fullgraph=True)
+        rows.append(Row(f"lora_fx merged (inner={compiler})", "compiled", forward_of(model, fn), None, counter))
         if ablations:  # lora_fx's own levers switched off, in the same run
             model = copy.deepcopy(base_model)
             counter = CountingBackend(compiler)
@@ -261,25 +272,26 @@ def measure(rows: list[Row], shape: Shape) -> None:
     for row in rows:
         breaks_before = graph_breaks()
         start = time.perf_counter()
-        row.forward()
-        row.step()
+        for call in row.calls():
+            call()
         synchronize(dev)
         row.first_call_s = time.perf_counter() - start
         for _ in range(shape.warmup):
-            row.forward()
-            row.step()
+            for call in row.calls():
+                call()
         if row.counter is not None:
             row.graphs = row.counter.graphs
             row.breaks = graph_breaks() - breaks_before
     for _ in range(shape.reps):
         for row in rows:  # interleaved: every row sees the same machine
             row.fwd_times.append(timed(row.forward, dev))
-            row.step_times.append(timed(row.step, dev))
+            if row.step is not None:
+                row.step_times.append(timed(row.step, dev))
     for row in rows:
         if row.counter is not None:
             row.recompiles = row.counter.graphs - row.graphs  # graphs compiled after warm-up
         row.fwd_peak = peak_bytes(row.forward, dev)
-        row.step_peak = peak_bytes(row.step, dev)
+        row.step_peak = peak_bytes(row.step, dev) if row.step is not None else 0
 
 
 # -- transform() scaling -----------------------------------------------------------------------
@@ -347,15 +359,19 @@ def report(rows: list[Row], shape: Shape, floors, scaling, command: str) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         ref = base.get(row.mode)
-        fwd, step = _ms(row.fwd_times), _ms(row.step_times)
+        merged = row.step is None
+        fwd = _ms(row.fwd_times)
+        step = f"{_ms(row.step_times):.2f}" if not merged else "-"
         if ref is not None and ref is not row:
-            fwd_ratio = f"{fwd / _ms(ref.fwd_times):.3f} ({fwd_floor:.3f})"
-            step_ratio = f"{step / _ms(ref.step_times):.3f} ({step_floor:.3f})"
+            # a merged model's floor is the base itself
+            fwd_ratio = f"{fwd / _ms(ref.fwd_times):.3f} ({1.0 if merged else fwd_floor:.3f})"
+            step_ratio = f"{_ms(row.step_times) / _ms(ref.step_times):.3f} ({step_floor:.3f})" if not merged else "-"
         else:
             fwd_ratio = step_ratio = "1 (ref)" if ref is row else "-"
         opt = [str(v) if v is not None else "-" for v in (row.graphs, row.breaks, row.recompiles)]
-        lines.append(f"| {row.name} | {fwd:.2f} | {fwd_ratio} | {step:.2f} | {step_ratio} | {_mb(row.fwd_peak)} "
-                     f"| {_mb(row.step_peak)} | {' | '.join(opt)} | {row.first_call_s:.1f} |")
+        step_peak = _mb(row.step_peak) if not merged else "-"
+        lines.append(f"| {row.name} | {fwd:.2f} | {fwd_ratio} | {step} | {step_ratio} | {_mb(row.fwd_peak)} "
+                     f"| {step_peak} | {' | '.join(opt)} | {row.first_call_s:.1f} |")
     if scaling:
         lines += ["", "`transform()` on a 7B-shaped Llama (hidden 4096, intermediate 11008, vocab 32000) exported "
                   "on the meta device, r=16 all-linear:", "",
