@@ -166,7 +166,8 @@ class Row:
         return [self.forward] + ([self.step] if self.step is not None else [])
 
 
-def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablations: bool = False) -> list[Row]:
+def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablations: bool = False,
+              dora: bool = False) -> list[Row]:
     import peft
 
     import lora_fx
@@ -235,6 +236,21 @@ def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablation
         lora_fx.merge(lora)
         fn = torch.compile(model, backend=lora, fullgraph=True)
         rows.append(Row(f"lora_fx merged (inner={compiler})", "compiled", forward_of(model, fn), None, counter))
+        if dora:  # DoRA beside LoRA, same shapes: PEFT eager / compiled, lora_fx compiled
+            dora_cfg = dict(peft_cfg, use_dora=True)
+            for mode in ("eager", "compiled"):
+                model = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(**dora_cfg))
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                counter = CountingBackend(compiler) if mode == "compiled" else None
+                fn = torch.compile(model, backend=counter) if counter else model
+                rows.append(Row(f"PEFT DoRA ({mode})", mode, forward_of(model, fn), step_of(model, fn, opt), counter))
+            model = copy.deepcopy(base_model)
+            counter = CountingBackend(compiler)
+            lora = lora_fx.backend(lora_fx.LoraConfig(**dora_cfg), inner=counter)
+            opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
+            fn = torch.compile(model, backend=lora, fullgraph=True)
+            rows.append(Row(f"lora_fx DoRA backend (inner={compiler})", "compiled", forward_of(model, fn),
+                            step_of(model, fn, opt), counter))
         if ablations:  # lora_fx's own levers switched off, in the same run
             model = copy.deepcopy(base_model)
             counter = CountingBackend(compiler)
@@ -246,8 +262,8 @@ def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablation
     return rows
 
 
-def flop_floors(base_model, shape: Shape) -> tuple[float, float, float]:
-    """(forward floor, training-step floor, adapter forward GFLOPs) for r=shape.r all-linear."""
+def flop_floors(base_model, shape: Shape) -> Floors:
+    """FLOP floors for r=shape.r all-linear LoRA (and DoRA)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = copy.deepcopy(base_model).requires_grad_(False)
@@ -258,13 +274,24 @@ def flop_floors(base_model, shape: Shape) -> tuple[float, float, float]:
     with FlopCounterMode(display=False) as step_counter:
         model(inputs_embeds=x, labels=ids).loss.backward()
     tokens = shape.batch * shape.seq
-    adapter = 0
+    adapter = norm = 0
     lm_head = base_model.get_output_embeddings()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not lm_head:
             adapter += 2 * tokens * shape.r * (module.in_features + module.out_features)
+            norm += 2 * shape.r * module.in_features * module.out_features  # DoRA: W·Aᵀ once per call
     fwd, step = fwd_counter.get_total_flops(), step_counter.get_total_flops()
-    return (fwd + adapter) / fwd, (step + 3 * adapter) / step, adapter / 1e9
+    return Floors((fwd + adapter) / fwd, (step + 3 * adapter) / step, adapter / 1e9,
+                  (fwd + adapter + norm) / fwd, (step + 3 * adapter + norm) / step)
+
+
+@dataclasses.dataclass
+class Floors:
+    forward: float
+    step: float
+    adapter_gflops: float
+    dora_forward: float   # + the factored norm's W·Aᵀ (no backward: the norm is detached)
+    dora_step: float
 
 
 def measure(rows: list[Row], shape: Shape) -> None:
@@ -344,12 +371,13 @@ def environment(shape: Shape) -> str:
             f"{datetime.date.today().isoformat()}")
 
 
-def report(rows: list[Row], shape: Shape, floors, scaling, command: str) -> str:
-    fwd_floor, step_floor, adapter_gflops = floors
+def report(rows: list[Row], shape: Shape, floors: Floors, scaling, command: str) -> str:
+    adapter_gflops = floors.adapter_gflops
     base = {r.mode: r for r in rows if r.name.startswith("base")}
     lines = [f"`{command}`", "", environment(shape), "", shape.describe(), "",
-             f"FLOP floors: forward {fwd_floor:.3f}x base; training step {step_floor:.3f}x the frozen-base "
-             f"step (adapters: {adapter_gflops:.3g} GFLOP per forward). Medians of {shape.reps} interleaved "
+             f"FLOP floors: forward {floors.forward:.3f}x base; training step {floors.step:.3f}x the frozen-base "
+             f"step (adapters: {adapter_gflops:.3g} GFLOP per forward; DoRA rows: {floors.dora_forward:.3f}x / "
+             f"{floors.dora_step:.3f}x with the norm's W·Aᵀ). Medians of {shape.reps} interleaved "
              f"reps after {shape.warmup} warm-up. Peak memory: "
              + ("CUDA max_memory_allocated over the pre-call allocation." if shape.device.startswith("cuda")
                 else "CPU allocator events (torch.profiler profile_memory), peak over the call's start."),
@@ -360,6 +388,9 @@ def report(rows: list[Row], shape: Shape, floors, scaling, command: str) -> str:
     for row in rows:
         ref = base.get(row.mode)
         merged = row.step is None
+        is_dora = "DoRA" in row.name
+        fwd_floor = floors.dora_forward if is_dora else floors.forward
+        step_floor = floors.dora_step if is_dora else floors.step
         fwd = _ms(row.fwd_times)
         step = f"{_ms(row.step_times):.2f}" if not merged else "-"
         if ref is not None and ref is not row:
@@ -393,6 +424,7 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--ablations", action="store_true", help="add lora_fx rows with its optimisations off")
+    p.add_argument("--dora", action="store_true", help="add DoRA rows (PEFT eager/compiled, lora_fx compiled)")
     p.add_argument("--no-scaling", action="store_true", help="skip the transform() scaling table")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     return p.parse_args(argv)
@@ -412,9 +444,15 @@ def main(argv=None) -> str:
     if unknown or "base" not in which:
         raise SystemExit(f"--rows must include base and only name base, peft, lora_fx (got {args.rows!r})")
 
+    # Every row compiles the same transformers code objects for its own model copy: lift Dynamo's
+    # per-code-object recompile limit so late rows are not silently left uncompiled.
+    config = torch._dynamo.config
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, knob):
+            setattr(config, knob, max(getattr(config, knob), 256))
     torch.manual_seed(0)
     base_model = llama(shape)
-    rows = make_rows(base_model, shape, compiler, which, args.ablations)
+    rows = make_rows(base_model, shape, compiler, which, args.ablations, args.dora)
     floors = flop_floors(base_model, shape)
     measure(rows, shape)
     scaling = [] if args.no_scaling else transform_scaling(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r)

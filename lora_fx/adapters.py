@@ -15,7 +15,7 @@ from torch import nn
 
 from . import variants
 from .config import LoraConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, LoraFxError
 from .rules import Resolved
 
 PEFT_PREFIX = "base_model.model."
@@ -59,13 +59,18 @@ class AdapterSet:
 
     @classmethod
     def create(cls, cfg: LoraConfig, resolved: dict[str, Resolved], *, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, generator: torch.Generator | None = None) -> AdapterSet:
+               device: torch.device | str | None = None, generator: torch.Generator | None = None,
+               weights: dict[str, torch.Tensor] | None = None) -> AdapterSet:
         aset = cls(cfg)
-        aset.add(resolved, dtype=dtype, device=device, generator=generator)
+        aset.add(resolved, dtype=dtype, device=device, generator=generator, weights=weights)
         return aset
 
-    def add(self, resolved: dict[str, Resolved], *, dtype=None, device=None, generator=None) -> list[str]:
-        """Create adapters for the layers not yet present; return their names."""
+    def add(self, resolved: dict[str, Resolved], *, dtype=None, device=None, generator=None,
+            weights: dict[str, torch.Tensor] | None = None) -> list[str]:
+        """Create adapters for the layers not yet present; return their names.
+
+        `weights` (layer -> base weight) feeds variants whose initial values depend on the base
+        weight (DoRA's magnitude)."""
         variant = variants.variant_for(self.cfg)
         added = []
         for name, res in resolved.items():
@@ -79,6 +84,13 @@ class AdapterSet:
                        for key, spec in variant.tensors(res, self.cfg).items()}
             if str(dev) != "meta":
                 variant.init(tensors, res, self.cfg, generator)
+                if variant.needs_base_weight:
+                    weight = (weights or {}).get(name)
+                    if weight is None:
+                        raise LoraFxError(f"internal: {name}: the {variant.name} variant needs the base weight "
+                                          "to initialise its adapter")  # pragma: no cover
+                    with torch.no_grad():
+                        variant.init_from_base(tensors, weight.detach(), res, self.cfg)
             scaling = torch.tensor(res.scaling, dtype=torch.float32, device=dev)
             self.entries[name] = AdapterEntry(res, variant, tensors, scaling)
             added.append(name)

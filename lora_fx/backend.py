@@ -23,7 +23,7 @@ from .errors import AdapterFileError, ConfigError, LoraFxError
 from .graph_builder import graph_fake_mode
 from .io import is_adapter_dir, read_adapter_dir, write_adapter_dir
 from .layers import layers_of_module, output_layer_names
-from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers
+from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers, weight_node
 from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
 
@@ -103,7 +103,8 @@ class LoraBackend:
         if self._model is not None:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
         resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
-        self.adapters.add(resolved, dtype=self.adapter_dtype)
+        weights = {name: model.get_submodule(name).weight for name in resolved}
+        self.adapters.add(resolved, dtype=self.adapter_dtype, weights=weights)
         if self._pending is not None:
             self.adapters.load_peft_state_dict(self._pending, source="adapter directory")
             self._pending = None
@@ -229,7 +230,7 @@ class LoraBackend:
         gm = _copy_graph_module(gm)
         site_nodes = find_targets(gm)
         if self._model is None:
-            self._adopt_sites(site_nodes)
+            self._adopt_sites(site_nodes, gm, example_inputs)
         self._check_shapes(site_nodes)
         if not any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes):
             return self._compile(gm, list(example_inputs))
@@ -296,12 +297,19 @@ class LoraBackend:
         fn = self._compile(work, example_inputs + [_feed(entry, key) for entry, key in feeds])
         return fn, feeds
 
-    def _adopt_sites(self, site_nodes: list[fx.Node]) -> None:
+    def _adopt_sites(self, site_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs) -> None:
         """No model attached: create (or load) adapters for the layers this graph holds."""
         layers = site_layers(site_nodes)
         resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
                            require_match=not len(self.adapters))
-        added = self.adapters.add(resolved, dtype=self.adapter_dtype)
+        # Base weights, for variants initialised from them: Dynamo's example inputs are real.
+        values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False))
+        weights = {}
+        for node in site_nodes:
+            w = weight_node(node)
+            if w is not None and w in values:
+                weights.setdefault(node.meta[SITE_KEY].layer.name, values[w])
+        added = self.adapters.add(resolved, dtype=self.adapter_dtype, weights=weights)
         if self._pending is not None and added:
             sub = AdapterSet(self.config)
             sub.entries = {name: self.adapters.entries[name] for name in added}

@@ -25,7 +25,6 @@ _INERT_KEYS = {
 
 # Keys whose non-default value selects a feature lora_fx does not implement yet: (default test, issue).
 _NOT_YET = {
-    "use_dora": "DoRA",
     "use_qalora": "QALoRA",
     "alora_invocation_tokens": "aLoRA",
     "use_bdlora": "block-diagonal LoRA",

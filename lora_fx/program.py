@@ -24,16 +24,19 @@ from .backend import Spec, read_spec
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import graph_fake_mode
-from .passes.find_targets import find_targets, output_layer_names_of_graph, site_layers
+from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers
 from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
 
 
-def _make_adapters(site_nodes, cfg: LoraConfig, pending, adapter_dtype) -> AdapterSet:
+def _make_adapters(site_nodes, cfg: LoraConfig, pending, adapter_dtype, weight_of) -> AdapterSet:
+    """`weight_of(weight name) -> tensor`: the base weights, for variants initialised from them."""
     resolved = resolve(site_layers(site_nodes), cfg, output_layer_names_of_graph(site_nodes))
-    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype)
+    names = {n.meta[SITE_KEY].layer.name: n.meta[SITE_KEY].weight for n in site_nodes}
+    weights = {layer: weight_of(names[layer]) for layer in resolved}
+    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype, weights=weights)
     if pending is not None:
         adapters.load_peft_state_dict(pending, source="adapter directory")
     return adapters
@@ -83,7 +86,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     graph = gm.graph
     site_nodes = find_targets(gm, dict(sig.inputs_to_parameters))
     if adapters is None:
-        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
+        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda key: ep.state_dict[key])
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -199,7 +202,7 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     graph = gm.graph
     site_nodes = find_targets(gm)
     if adapters is None:
-        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype)
+        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda path: _attr_at(gm, path))
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)
@@ -228,6 +231,13 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     gm.lora_fx_adapters_set = adapters
     gm.lora_fx_train = train
     return gm
+
+
+def _attr_at(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def save_adapter(obj, path) -> None:

@@ -119,6 +119,7 @@ def peft_adapter_grads(peft_model) -> dict[str, torch.Tensor]:
         if p.grad is None or "lora_" not in n:
             continue
         n = n.removeprefix("base_model.model.").replace(".default", "")
+        n = n.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # PEFT's saved key
         out[n] = p.grad
     return out
 
@@ -126,3 +127,11 @@ def peft_adapter_grads(peft_model) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def inner():
     return "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with empty Dynamo caches: many tests compile the same model classes, and
+    Dynamo's per-code-object recompile limit (8) would otherwise be shared across tests."""
+    torch._dynamo.reset()
+    yield

@@ -22,7 +22,7 @@ def _rows(table: str) -> dict[str, list[str]]:
 
 def test_smoke_table(tmp_path):
     out = tmp_path / "table.md"
-    table = main(["--smoke", "--out", str(out)])
+    table = main(["--smoke", "--dora", "--out", str(out)])
     assert out.read_text() == table
     assert "torch " in table and "hidden 64" in table
 
@@ -34,7 +34,8 @@ def test_smoke_table(tmp_path):
     rows = _rows(table)
     names = list(rows)
     assert [n.split(" (")[0] for n in names] == (["base"] * 2 + ["PEFT"] * 2 + ["lora_fx backend"] * 2
-                                                 + ["lora_fx merged"])
+                                                 + ["lora_fx merged"] + ["PEFT DoRA"] * 2
+                                                 + ["lora_fx DoRA backend"])
     for name, cells in rows.items():
         assert float(cells[0]) > 0, name
         if name.startswith("lora_fx merged"):  # inference only
@@ -45,10 +46,13 @@ def test_smoke_table(tmp_path):
         assert float(cells[4]) >= 0 and float(cells[5]) > 0, f"{name}: no memory measured for a training step"
     for name in names[2:]:
         assert re.fullmatch(r"[\d.]+ \([\d.]+\)", rows[name][1]), rows[name]
-    lora_compiled = rows[names[-2]]
+    lora_compiled = rows[names[-5]]
     graphs, breaks, recompiles = (int(c) for c in lora_compiled[6:9])
     assert graphs == 2 and breaks == 0 and recompiles == 0  # one graph per (grad, no-grad), fullgraph
-    assert [int(c) for c in rows[names[-1]][6:9]] == [1, 0, 0]  # merged: one no-grad graph
+    assert [int(c) for c in rows[names[-4]][6:9]] == [1, 0, 0]  # merged: one no-grad graph
+    assert [int(c) for c in rows[names[-1]][6:9]] == [2, 0, 0]  # DoRA: fullgraph too
+    dora_floor = float(re.search(r"DoRA rows: ([\d.]+)x", table).group(1))
+    assert dora_floor > fwd_floor and rows[names[-1]][1].endswith(f"({dora_floor:.3f})")
 
     scaling = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)
     assert [(int(n), int(s)) for n, s in scaling] == [(1, 7), (2, 14)]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
+
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 
-def test_merging_page_example_runs():
-    text = (DOCS / "merging.md").read_text()
-    example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
-    assert "lora_fx.merge" in example and "aoti_load_package" in example
-    exec(compile(example, "docs/merging.md", "exec"), {})
+@pytest.mark.parametrize("page,must_use", [("merging.md", ["lora_fx.merge", "aoti_load_package"]),
+                                           ("dora.md", ["use_dora=True"])])
+def test_page_example_runs(page, must_use):
+    example = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)[0]
+    assert all(name in example for name in must_use)
+    exec(compile(example, f"docs/{page}", "exec"), {})

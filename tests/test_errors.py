@@ -38,7 +38,7 @@ def test_bad_config_field(field, value, match):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("use_qalora", True), ("alora_invocation_tokens", [1, 2]),
+    ("use_qalora", True), ("alora_invocation_tokens", [1, 2]),
     ("target_parameters", ["experts.gate_up_proj"]), ("modules_to_save", ["lm_head"]),
 ])
 def test_not_yet_supported_features_are_refused(field, value):
@@ -50,9 +50,9 @@ def test_unsupported_feature_in_adapter_file(tmp_path):
     _, _, path = peft_reference("gpt2", tmp_path)
     cfg_file = path / "adapter_config.json"
     data = json.loads(cfg_file.read_text())
-    data["use_dora"] = True
+    data["use_qalora"] = True
     cfg_file.write_text(json.dumps(data))
-    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"adapter_config.json.*use_dora"):
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"adapter_config.json.*use_qalora"):
         lora_fx.backend(path)
 
 

@@ -1,1 +1,1 @@
-"""Custom operators (`torch.library`, namespace `lora_fx`). Every op schema lives in `ops.py`."""
+"""Custom ops (`lora_fx::`): schemas and registration in `ops.py`, DoRA's kernels in `dora.py`."""

@@ -218,6 +218,20 @@ def weight_node(node: fx.Node) -> fx.Node | None:
     return weight if isinstance(weight, fx.Node) else None
 
 
+def bias_node(node: fx.Node) -> fx.Node | None:
+    """The bias argument of an adaptable op call, if any (`addmm`'s is its first argument)."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t in _ADDMM_OPS:
+        bias = _arg(node, 0, "input")
+    elif t in _LINEAR_OPS or t in _CONV_TORCH or t is aten.convolution.default:
+        bias = _arg(node, 2, "bias")
+    else:
+        bias = None
+    return bias if isinstance(bias, fx.Node) else None
+
+
 def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
     """One LayerInfo per layer name (a layer called twice is one layer)."""
     seen: dict[str, LayerInfo] = {}

@@ -22,7 +22,7 @@ import torch.fx as fx
 from ..adapters import SCALING_KEY, AdapterEntry, AdapterSet
 from ..graph_builder import GraphBuilder, graph_fake_mode
 from ..variants import SiteCall
-from .find_targets import SITE_KEY
+from .find_targets import SITE_KEY, bias_node, weight_node
 
 ADAPTER_KEY = "lora_fx_adapter"
 OUTPUT_KEY = "lora_fx_output"
@@ -47,8 +47,9 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
             provided.meta[INPUT_KEY] = (entry.name, key)
         builder = GraphBuilder(gm.graph, node, fake_mode)
+        weight, bias = _weight_and_bias(gm, node, entry.variant.needs_base_weight)
         call = SiteCall(layer=site.layer, x=node.args[site.input_index], base_out=node, training=training,
-                        graph_inputs=list(user_inputs or []), needs_grad=needs_grad)
+                        graph_inputs=list(user_inputs or []), needs_grad=needs_grad, weight=weight, bias=bias)
         new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
         created = set(builder.created)
         for n in created:
@@ -59,6 +60,21 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
     gm.graph.lint()
     gm.recompile()
     return done
+
+
+def _weight_and_bias(gm: fx.GraphModule, node: fx.Node, needed: bool):
+    if node.op != "call_module":
+        return weight_node(node), bias_node(node)
+    if not needed:
+        return None, None
+    module = gm.get_submodule(node.target)
+    with gm.graph.inserting_before(node):
+        weight = gm.graph.get_attr(f"{node.target}.weight")
+        bias = gm.graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
+    for n in (weight, bias):
+        if n is not None:
+            n.meta[ADAPTER_KEY] = node.target  # the merge pass removes them with the adapter
+    return weight, bias
 
 
 def sanitize(name: str) -> str:

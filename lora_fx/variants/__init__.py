@@ -24,14 +24,15 @@ def get(name: str) -> Variant:
 
 
 def variant_for(cfg: LoraConfig) -> Variant:
-    """The variant a config selects. Variants claim configs in registration order, most
-    specific first; plain LoRA claims everything and is registered last."""
-    for variant in _REGISTRY.values():
+    """The variant a config selects: the first specific variant (in registration order) that
+    claims it, else the fallback (plain LoRA, which claims everything)."""
+    ordered = sorted(_REGISTRY.values(), key=lambda v: v.fallback)
+    for variant in ordered:
         if variant.claims(cfg):
             return variant
     raise LookupError("no variant claims this config")  # pragma: no cover - lora claims all
 
 
-from . import lora  # noqa: E402,F401  (registration)
+from . import dora, lora  # noqa: E402,F401  (registration)
 
 __all__ = ["SiteCall", "TensorSpec", "Variant", "get", "register", "variant_for"]

@@ -48,6 +48,8 @@ class SiteCall:
         graph_inputs: user-input placeholders, for variants that read e.g. input_ids.
         needs_grad: whether gradients may flow through this graph. A variant may emit a faster
             inference-only form when False; both forms must compute the same values.
+        weight, bias: the nodes the base call reads its weight and bias from (DoRA's norm and
+            bias-free base output); `get_attr`s are added for `call_module` sites.
     """
 
     layer: LayerInfo
@@ -56,12 +58,20 @@ class SiteCall:
     training: bool
     graph_inputs: list[fx.Node] = field(default_factory=list)
     needs_grad: bool = True
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
 
 
 class Variant:
     """Base class; subclasses override the methods below."""
 
     name: str = ""
+    fallback: bool = False  # True only for plain LoRA: asked last, claims every config
+    needs_base_weight: bool = False  # True: `init_from_base` runs after `init` with the base weight
+
+    def init_from_base(self, tensors: dict[str, torch.Tensor], weight: torch.Tensor, res: Resolved,
+                       cfg: LoraConfig) -> None:
+        """Initialise tensors that depend on the base weight (DoRA's magnitude)."""
 
     def claims(self, cfg: LoraConfig) -> bool:
         raise NotImplementedError

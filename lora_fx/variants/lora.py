@@ -36,6 +36,7 @@ def _kaiming_like_linear(t: torch.Tensor, generator=None) -> None:
 
 class LoraVariant(Variant):
     name = "lora"
+    fallback = True
 
     def claims(self, cfg: LoraConfig) -> bool:
         return True

@@ -1,0 +1,231 @@
+"""DoRA (weight-decomposed LoRA, `use_dora=True`): magnitude times direction.
+
+    out = base(x) + (g − 1) ⊙ (base(x) − bias) + g ⊙ s·B(A(x)),   g = m / ‖W + s·B·A‖
+
+per output channel (Linear / Conv1D rows, Conv output channels over all other dims, Embedding
+columns, as PEFT does), with the norm computed in fp32, detached, clamped below by eps (1e-12;
+1e-6 for half-precision weights), and never from a materialised `B·A`:
+`‖W + sBA‖² = ‖W‖² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)` — the largest tensor the
+norm path creates is [out, r]. The base output is reused (its bias subtracted); only with
+adapter dropout in training does PEFT's form need the base applied to the dropped input, and then
+that is what we compute.
+
+Lowering is device-aware: CUDA sites call `lora_fx::dora_norm` / `lora_fx::dora_compose` (Triton);
+CPU sites emit the same math as aten ops (Inductor fuses it; `triton_op` graphs need a GPU driver).
+
+Tensors (PEFT's keys): LoRA's, plus `lora_magnitude_vector` of shape (out,) — (1, out, 1, …) for
+convs, (embedding_dim,) for embeddings — initialised to `‖W + s·B·A‖` of the base weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LoraConfig
+from ..errors import ConfigError, UnsupportedFeatureError
+from ..kernels import ops as _ops  # noqa: F401  (registers the lora_fx:: ops)
+from ..layers import CONV, EMBEDDING, HF_CONV1D, LayerInfo
+from ..rules import Resolved
+from . import register
+from .base import SiteCall, TensorSpec
+from .lora import LoraVariant, _conv, params_dtype
+
+aten = torch.ops.aten
+MAGNITUDE = "lora_magnitude_vector"
+
+# "auto": Triton ops at CUDA sites, aten math elsewhere; "always" / "never" force one (tests).
+USE_OPS = "auto"
+
+
+def norm_eps(weight_dtype: torch.dtype) -> float:
+    return 1e-6 if weight_dtype in (torch.float16, torch.bfloat16) else 1e-12
+
+
+def channel_dim(layer: LayerInfo) -> int:
+    return 1 if layer.kind == CONV else -1
+
+
+class DoraVariant(LoraVariant):
+    name = "dora"
+    fallback = False
+    needs_base_weight = True
+
+    def claims(self, cfg: LoraConfig) -> bool:
+        return bool(cfg.use_dora)
+
+    def check(self, res: Resolved, cfg: LoraConfig) -> None:
+        super().check(res, cfg)
+        layer = res.layer
+        if layer.kind == CONV and layer.groups > 1:
+            raise ConfigError(f"{layer.name}: DoRA on a grouped conv (groups={layer.groups}) is not supported "
+                              "(nor by PEFT): B·A has no grouped form; exclude the layer")
+
+    def tensors(self, res: Resolved, cfg: LoraConfig) -> dict[str, TensorSpec]:
+        specs = super().tensors(res, cfg)
+        layer = res.layer
+        if layer.kind == CONV:
+            shape = (1, layer.out_features) + (1,) * layer.conv_dims
+        else:
+            shape = (layer.out_features,)
+        specs[MAGNITUDE] = TensorSpec(shape)
+        return specs
+
+    def init_from_base(self, tensors, weight, res: Resolved, cfg: LoraConfig) -> None:
+        a, b = _factors({k: t.detach() for k, t in tensors.items()}, res.layer)
+        w = _weight_rows(weight, res.layer).float()
+        norm = (w + res.scaling * (b.float() @ a.float())).norm(dim=1)
+        tensors[MAGNITUDE].copy_(norm.view(tensors[MAGNITUDE].shape))
+
+    # -- graph -----------------------------------------------------------------------------------
+    def emit(self, b, site: SiteCall, res: Resolved, cfg: LoraConfig, params, scale):
+        layer = site.layer
+        if site.weight is None:
+            raise UnsupportedFeatureError(f"{layer.name}: DoRA needs the base weight as a graph value at this call")
+        out_dtype = b.dtype_of(site.base_out, layer.weight_dtype)
+        adapter_dtype = params_dtype(params)
+        use_ops = USE_OPS == "always" or (USE_OPS == "auto" and layer.weight_device.startswith("cuda"))
+
+        norm = self._norm(b, site, params, scale, use_ops, res.r)
+        magnitude = b.call(aten.reshape.default, params[MAGNITUDE], [-1])
+        g = b.call(aten.div.Tensor, magnitude, norm)
+
+        dropped = site.training and cfg.lora_dropout > 0 and layer.kind != EMBEDDING
+        x = site.x
+        if layer.kind != EMBEDDING:
+            x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
+            if dropped:
+                x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
+        lora = self._lora(b, site, x, params)                    # B(A(x)), unscaled, adapter dtype
+
+        if dropped:
+            # PEFT's training-with-dropout form: the base applied to the dropped input, no bias.
+            x_base = b.cast(x, b.dtype_of(site.x, layer.weight_dtype), adapter_dtype)
+            base_drop = self._base_nobias(b, site, x_base)
+            g_v = _channel(b, g, site.base_out, layer)
+            g_1 = b.call(aten.sub.Tensor, g_v, 1)
+            term = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, g_1, base_drop),
+                          b.call(aten.mul.Tensor, g_v, b.call(aten.mul.Tensor, lora, scale)))
+            out = b.call(aten.add.Tensor, site.base_out, term)
+            return b.cast(out, out_dtype, b.dtype_of(out, out_dtype))
+        if use_ops:
+            return b.call(torch.ops.lora_fx.dora_compose.default, site.base_out, lora, g, scale, site.bias,
+                          channel_dim(layer))
+        # Reference math as aten ops: out = g ⊙ (base − bias + s·lora) + bias.
+        g_v = _channel(b, g, site.base_out, layer)
+        pre = b.call(aten.add.Tensor, site.base_out, b.call(aten.mul.Tensor, lora, scale))
+        if site.bias is not None:
+            bias_v = _channel(b, site.bias, site.base_out, layer)
+            pre = b.call(aten.sub.Tensor, pre, bias_v)
+            out = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, g_v, pre), bias_v)
+        else:
+            out = b.call(aten.mul.Tensor, g_v, pre)
+        return b.cast(out, out_dtype, b.dtype_of(out, out_dtype))
+
+    def _lora(self, b, site: SiteCall, x, params):
+        layer = site.layer
+        if layer.kind == EMBEDDING:
+            pad = -1 if layer.padding_idx is None else layer.padding_idx
+            h = b.call(aten.embedding.default, b.call(aten.t.default, params["lora_embedding_A"]), x, pad)
+            return b.call(aten.linear.default, h, params["lora_embedding_B"])
+        if layer.kind == CONV:
+            h = _conv(b, x, params["lora_A.weight"], None, layer.stride, layer.padding, layer.dilation, 1)
+            ones = [1] * layer.conv_dims
+            return _conv(b, h, params["lora_B.weight"], params.get("lora_B.bias"), ones, [0] * layer.conv_dims,
+                         ones, 1)
+        h = b.call(aten.linear.default, x, params["lora_A.weight"])
+        return b.call(aten.linear.default, h, params["lora_B.weight"], params.get("lora_B.bias"))
+
+    def _base_nobias(self, b, site: SiteCall, x):
+        layer = site.layer
+        if layer.kind == CONV:
+            return _conv(b, x, site.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        if layer.kind == HF_CONV1D:
+            return b.call(aten.mm.default, x, site.weight)
+        return b.call(aten.linear.default, x, site.weight)
+
+    def _norm(self, b, site: SiteCall, params, scale, use_ops: bool, r: int):
+        """‖W + s·B·A‖ per output channel, fp32, detached, from [out, r] pieces only."""
+        layer = site.layer
+        w_dtype = b.dtype_of(site.weight, layer.weight_dtype)
+        w = _weight_rows_node(b, site.weight, layer)                 # a view: [out, in·k]
+        if layer.kind == EMBEDDING:
+            a, bb = params["lora_embedding_A"], params["lora_embedding_B"]
+        else:
+            a, bb = params["lora_A.weight"], params["lora_B.weight"]
+        a = b.call(aten.detach.default, a)
+        bb = b.call(aten.detach.default, bb)
+        if layer.kind == CONV:
+            a = b.call(aten.reshape.default, a, [r, -1])
+            bb = b.call(aten.reshape.default, bb, [layer.out_features, -1])
+        a32 = b.cast(a, torch.float32, b.dtype_of(a, torch.float32))
+        b32 = b.cast(bb, torch.float32, b.dtype_of(bb, torch.float32))
+        w = b.call(aten.detach.default, w)
+        wsq = b.call(aten.pow.Tensor_Scalar,
+                     b.call(aten.linalg_vector_norm.default, w, 2, [1], False, dtype=torch.float32), 2)
+        # W·Aᵀ in W's dtype (a half W is not copied to fp32: that copy would be [out, in]); GEMMs
+        # accumulate in fp32, the [out, r] result is then fp32.
+        a_w = b.cast(a32, w_dtype, torch.float32)
+        wa = b.cast(b.call(aten.mm.default, w, b.call(aten.t.default, a_w)), torch.float32, w_dtype)
+        aat = b.call(aten.mm.default, a32, b.call(aten.t.default, a32))             # [r, r]
+        baa = b.call(aten.mm.default, b32, aat)                                      # [out, r]
+        scale32 = b.call(aten.detach.default, scale)
+        eps = norm_eps(w_dtype)
+        if use_ops:
+            return b.call(torch.ops.lora_fx.dora_norm.default, wsq, b32, wa, baa, scale32, eps)
+        cross = b.call(aten.sum.dim_IntList, b.call(aten.mul.Tensor, b32, wa), [1])
+        quad = b.call(aten.sum.dim_IntList, b.call(aten.mul.Tensor, baa, b32), [1])
+        sq = b.call(aten.add.Tensor, wsq, b.call(aten.mul.Tensor, cross, b.call(aten.mul.Tensor, scale32, 2)))
+        sq = b.call(aten.add.Tensor, sq, b.call(aten.mul.Tensor, quad, b.call(aten.mul.Tensor, scale32, scale32)))
+        norm = b.call(aten.sqrt.default, b.call(aten.clamp_min.default, sq, 0))
+        return b.call(aten.clamp_min.default, norm, eps)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merged_weight(self, weight, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
+        """`W' = g ⊙ (W + s·B·A)` per output channel, g from the current W (fp32, cast back)."""
+        full = weight.float() + self.delta_weight(weight, tensors, scaling, layer)
+        rows = _weight_rows(full, layer)
+        g = tensors[MAGNITUDE].float().reshape(-1) / rows.norm(dim=1).clamp_min(norm_eps(weight.dtype))
+        if layer.kind in (HF_CONV1D, EMBEDDING):   # output channels are columns of the stored weight
+            merged = full * g.view(1, -1)
+        else:
+            merged = full * g.view(-1, *([1] * (full.dim() - 1)))
+        return merged.to(weight.dtype)
+
+    def unmerged_weight(self, merged, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
+        raise UnsupportedFeatureError(
+            f"{layer.name}: a DoRA merge cannot be undone by subtraction (the merged weight no longer tells "
+            "the original norm); merge with keep_original=True (the default) to unmerge")
+
+
+def _factors(tensors, layer: LayerInfo):
+    """(A, B) as matrices with `W_rows ≈ B·A` in the row layout of `_weight_rows`."""
+    if layer.kind == EMBEDDING:
+        return tensors["lora_embedding_A"], tensors["lora_embedding_B"]
+    a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+
+def _weight_rows(weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """The weight with one row per output channel (a view)."""
+    if layer.kind in (HF_CONV1D, EMBEDDING):
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _weight_rows_node(b, weight, layer: LayerInfo):
+    if layer.kind in (HF_CONV1D, EMBEDDING):
+        return b.call(aten.t.default, weight)
+    if layer.kind == CONV:
+        return b.call(aten.reshape.default, weight, [layer.out_features, -1])
+    return weight
+
+
+def _channel(b, vec, like, layer: LayerInfo):
+    """A per-channel vector reshaped to broadcast against `like` (dim 1 for conv, last otherwise)."""
+    if layer.kind != CONV:
+        return vec
+    rank = len(b.shape_of(like))
+    return b.call(aten.reshape.default, vec, [1, -1] + [1] * (rank - 2))
+
+
+register(DoraVariant())

@@ -1,0 +1,61 @@
+"""Run every Triton kernel of lora_fx/kernels in Triton's CPU interpreter against its pure-torch
+reference, forward and backward, fp32 and bf16. Run by tests/test_kernels.py in a subprocess with
+TRITON_INTERPRET=1 (the variable must be set before the kernels are defined)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+from lora_fx.kernels import dora  # noqa: E402
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def main() -> int:
+    ran = []
+    g_gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for channel_dim, shape in ((-1, (3, 5, 12)), (1, (2, 12, 3, 4)), (1, (2, 12, 7))):
+            for with_bias in (False, True):
+                base = torch.randn(shape, generator=g_gen).to(dtype)
+                lora = torch.randn(shape, generator=g_gen)           # adapters are fp32 (half bases too)
+                g = torch.rand(12, generator=g_gen) + 0.5
+                scale = torch.tensor(1.7)
+                bias = torch.randn(12, generator=g_gen).to(dtype) if with_bias else None
+                want = dora.dora_compose_reference(base, lora, g, scale, bias, channel_dim)
+                got = dora.dora_compose_triton(base, lora, g, scale, bias, channel_dim)
+                assert got.dtype == want.dtype == dtype
+                torch.testing.assert_close(got, want, **TOL[dtype])
+                grad = torch.randn(shape, generator=g_gen).to(dtype)
+                want_b = dora.dora_compose_backward_reference(grad, base, lora, g, scale, bias, channel_dim)
+                got_b = dora.dora_compose_backward_triton(grad, base, lora, g, scale, bias, channel_dim)
+                for name, x, y in zip(("d_base", "d_lora", "d_g"), got_b, want_b, strict=True):
+                    assert x.dtype == y.dtype, name
+                    tol = TOL[dtype] if name != "d_g" else dict(rtol=1e-4, atol=1e-4 * y.abs().max().item())
+                    torch.testing.assert_close(x, y, **tol, msg=lambda m, n=name: f"{n}: {m}")
+                ran.append(f"compose {dtype} {shape} bias={with_bias}")
+        for rows, cols, r in ((40, 48, 4), (33, 20, 16), (7, 9, 3)):
+            w = torch.randn(rows, cols, generator=g_gen).to(dtype)
+            a = torch.randn(r, cols, generator=g_gen)
+            b = torch.randn(rows, r, generator=g_gen) * 0.1
+            scale = torch.tensor(2.0)
+            wsq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32) ** 2
+            wa = (w.float() @ a.t())
+            baa = b @ (a @ a.t())
+            want = dora.dora_norm_reference(wsq, b, wa, baa, scale, 1e-12)
+            got = dora.dora_norm_triton(wsq, b, wa, baa, scale, 1e-12)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            dense = (w.float() + 2.0 * b @ a).norm(dim=1)   # the factored norm is the dense norm
+            torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+            ran.append(f"norm {dtype} {rows}x{cols} r={r}")
+    print("\n".join(ran))
+    print(f"ok {len(ran)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
