@@ -210,55 +210,39 @@ def make_rows(base_model, shape: Shape, compiler: str, which: set[str], ablation
                             mode, forward_of(model, fn), frozen_step_of(model, fn), counter))
 
     peft_cfg = dict(r=shape.r, lora_alpha=2 * shape.r, target_modules="all-linear", lora_dropout=0.0)
-    if "peft" in which:
-        for mode in ("eager", "compiled"):
-            model = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(**peft_cfg))
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            counter = CountingBackend(compiler) if mode == "compiled" else None
-            fn = torch.compile(model, backend=counter) if counter else model
-            rows.append(Row(f"PEFT ({mode})", mode, forward_of(model, fn), step_of(model, fn, opt), counter))
 
-    if "lora_fx" in which:
-        for mode in ("eager", "compiled"):
-            model = copy.deepcopy(base_model)
-            counter = CountingBackend(compiler if mode == "compiled" else "eager")
-            lora = lora_fx.backend(lora_fx.LoraConfig(**peft_cfg), inner=counter)
-            opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
-            fn = torch.compile(model, backend=lora, fullgraph=True)
-            inner = f"inner={compiler}" if mode == "compiled" else "inner=eager: FX graph run op by op"
-            label = f"lora_fx backend ({inner})"
-            rows.append(Row(label, mode, forward_of(model, fn), step_of(model, fn, opt), counter))
-        # Merged: the adapters folded into the weights (inference only: nothing left to train).
+    def peft_row(label, cfg, mode):
+        model = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(**cfg))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        counter = CountingBackend(compiler) if mode == "compiled" else None
+        fn = torch.compile(model, backend=counter) if counter else model
+        return Row(f"{label} ({mode})", mode, forward_of(model, fn), step_of(model, fn, opt), counter)
+
+    def lora_fx_row(label, cfg, inner=compiler, merged=False, **backend_kwargs):
         model = copy.deepcopy(base_model)
-        counter = CountingBackend(compiler)
-        lora = lora_fx.backend(lora_fx.LoraConfig(**peft_cfg), inner=counter)
-        lora.parameters(model)
-        lora_fx.merge(lora)
+        counter = CountingBackend(inner)
+        lora = lora_fx.backend(lora_fx.LoraConfig(**cfg), inner=counter, **backend_kwargs)
+        opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
+        if merged:  # the adapters folded into the weights: inference only, nothing left to train
+            lora_fx.merge(lora)
         fn = torch.compile(model, backend=lora, fullgraph=True)
-        rows.append(Row(f"lora_fx merged (inner={compiler})", "compiled", forward_of(model, fn), None, counter))
+        mode = "eager" if inner == "eager" else "compiled"
+        step = None if merged else step_of(model, fn, opt)
+        return Row(label, mode, forward_of(model, fn), step, counter)
+
+    if "peft" in which:
+        rows += [peft_row("PEFT", peft_cfg, mode) for mode in ("eager", "compiled")]
+    if "lora_fx" in which:
+        rows.append(lora_fx_row("lora_fx backend (inner=eager: FX graph run op by op)", peft_cfg, inner="eager"))
+        rows.append(lora_fx_row(f"lora_fx backend (inner={compiler})", peft_cfg))
+        rows.append(lora_fx_row(f"lora_fx merged (inner={compiler})", peft_cfg, merged=True))
         if dora:  # DoRA beside LoRA, same shapes: PEFT eager / compiled, lora_fx compiled
             dora_cfg = dict(peft_cfg, use_dora=True)
-            for mode in ("eager", "compiled"):
-                model = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(**dora_cfg))
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-                counter = CountingBackend(compiler) if mode == "compiled" else None
-                fn = torch.compile(model, backend=counter) if counter else model
-                rows.append(Row(f"PEFT DoRA ({mode})", mode, forward_of(model, fn), step_of(model, fn, opt), counter))
-            model = copy.deepcopy(base_model)
-            counter = CountingBackend(compiler)
-            lora = lora_fx.backend(lora_fx.LoraConfig(**dora_cfg), inner=counter)
-            opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
-            fn = torch.compile(model, backend=lora, fullgraph=True)
-            rows.append(Row(f"lora_fx DoRA backend (inner={compiler})", "compiled", forward_of(model, fn),
-                            step_of(model, fn, opt), counter))
+            rows += [peft_row("PEFT DoRA", dora_cfg, mode) for mode in ("eager", "compiled")]
+            rows.append(lora_fx_row(f"lora_fx DoRA backend (inner={compiler})", dora_cfg))
         if ablations:  # lora_fx's own levers switched off, in the same run
-            model = copy.deepcopy(base_model)
-            counter = CountingBackend(compiler)
-            lora = lora_fx.backend(lora_fx.LoraConfig(**peft_cfg), inner=counter, inference_form=False)
-            opt = torch.optim.AdamW(lora.parameters(model), lr=1e-4)
-            fn = torch.compile(model, backend=lora, fullgraph=True)
-            rows.append(Row(f"lora_fx backend (inner={compiler}, inference_form=False)", "compiled",
-                            forward_of(model, fn), step_of(model, fn, opt), counter))
+            rows.append(lora_fx_row(f"lora_fx backend (inner={compiler}, inference_form=False)", peft_cfg,
+                                    inference_form=False))
     return rows
 
 

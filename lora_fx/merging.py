@@ -31,6 +31,7 @@ from .passes.merge_adapters import check_mergeable, check_untied, merged_weight,
 from .program import (
     ADAPTERS_ATTR,
     _adapters_of,
+    _attr_at,
     _copy_graph_module,
     _copy_program_graph,
     _new_program,
@@ -181,7 +182,7 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
             installs.append((call.target, module, _with_weight(module, new_weight)))
         else:
             target = weight_node(call).target
-            original = _get_path(gm, target)
+            original = _attr_at(gm, target)
             installs.append((target, original, nn.Parameter(merged_weight(entry, original, safe_merge=safe_merge),
                                                             requires_grad=False)))
     for path, original, new in installs:  # only after every merged weight was computed (and checked)
@@ -199,7 +200,7 @@ def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.Grap
         if record.originals is not None:
             restored = record.originals[path]
         else:
-            current = _get_path(gm, path)
+            current = _attr_at(gm, path)
             weight = current.weight if isinstance(current, nn.Module) else current
             plain = nn.Parameter(subtracted_weight(record.adapters.entries[layer], weight), requires_grad=False)
             restored = _with_weight(current, plain.data) if isinstance(current, nn.Module) else plain
@@ -209,13 +210,6 @@ def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.Grap
 
 def _path_of(call: fx.Node) -> str:
     return call.target if call.op == "call_module" else weight_node(call).target
-
-
-def _get_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
