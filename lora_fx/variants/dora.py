@@ -57,8 +57,11 @@ class DoraVariant(LoraVariant):
         super().check(res, cfg)
         layer = res.layer
         if layer.kind == CONV and layer.groups > 1:
-            raise ConfigError(f"{layer.name}: DoRA on a grouped conv (groups={layer.groups}) is not supported "
-                              "(nor by PEFT): B·A has no grouped form; exclude the layer")
+            # PEFT runs this case, but its norm reshapes B·A across channel groups (a tensor that is
+            # not the layer's effective weight); we neither copy that nor silently differ from it.
+            raise ConfigError(f"{layer.name}: DoRA on a grouped conv (groups={layer.groups}) is not supported: "
+                              "B·A has no grouped form, and PEFT's norm for this case is not the effective "
+                              "weight's; exclude the layer (exclude_modules) or use plain LoRA for it")
 
     def tensors(self, res: Resolved, cfg: LoraConfig) -> dict[str, TensorSpec]:
         specs = super().tensors(res, cfg)
