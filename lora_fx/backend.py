@@ -20,7 +20,7 @@ from torch import nn
 from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError
-from .graph_builder import graph_fake_mode
+from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import is_adapter_dir, read_adapter_dir, write_adapter_dir
 from .layers import layers_of_module, output_layer_names
 from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers, weight_node
@@ -103,8 +103,7 @@ class LoraBackend:
         if self._model is not None:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
         resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
-        weights = {name: model.get_submodule(name).weight for name in resolved}
-        self.adapters.add(resolved, dtype=self.adapter_dtype, weights=weights)
+        self.adapters.add(resolved, dtype=self.adapter_dtype, weights=_layer_weights(model, resolved))
         if self._pending is not None:
             self.adapters.load_peft_state_dict(self._pending, source="adapter directory")
             self._pending = None
@@ -186,7 +185,7 @@ class LoraBackend:
         if self.merged:
             raise LoraFxError("the adapters are already merged")
         check_mergeable(self.adapters)
-        weights = {name: self._model.get_submodule(name).weight for name in self.adapters.entries}
+        weights = _layer_weights(self._model, self.adapters.entries)
         _check_untied(self._model, weights)
         merged = {name: merged_weight(self.adapters.entries[name], w, safe_merge=safe_merge)
                   for name, w in weights.items()}  # all computed (and checked) before any is installed
@@ -208,13 +207,13 @@ class LoraBackend:
 
         if not self.merged:
             raise LoraFxError("the adapters are not merged")
+        weights = _layer_weights(self._model, self.adapters.entries)
         with torch.no_grad():
-            for name, entry in self.adapters.entries.items():
-                w = self._model.get_submodule(name).weight
+            for name, w in weights.items():
                 if self._originals is not None:
                     w.data = self._originals[name]
                 else:
-                    w.copy_(subtracted_weight(entry, w))
+                    w.copy_(subtracted_weight(self.adapters.entries[name], w))
         self._originals = None
         self.merged = False
 
@@ -227,7 +226,7 @@ class LoraBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
         # Our own copy: Dynamo keeps using (and later strips the metadata of) its graph, and a
         # second train/eval build may happen long after this call.
-        gm = _copy_graph_module(gm)
+        gm = copy_graph_module(gm)
         site_nodes = find_targets(gm)
         if self._model is None:
             self._adopt_sites(site_nodes, gm, example_inputs)
@@ -247,7 +246,7 @@ class LoraBackend:
 
         def build(key, inputs):
             if key == "merged":
-                return self._compile(_copy_graph_module(gm), inputs), []
+                return self._compile(copy_graph_module(gm), inputs), []
             return self._build_and_compile(gm, inputs, key)
 
         first = current_key()
@@ -267,7 +266,7 @@ class LoraBackend:
         return self._inner(gm, example_inputs)
 
     def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], training: bool):
-        work = _copy_graph_module(gm)
+        work = copy_graph_module(gm)
         graph = work.graph
         site_nodes = find_targets(work)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -332,6 +331,10 @@ class LoraBackend:
                     f"{have.out_features})")
 
 
+def _layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
+    return {name: model.get_submodule(name).weight for name in names}
+
+
 def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Refuse to merge into a weight that another module also uses (tied weights)."""
     from .errors import UnsupportedFeatureError
@@ -346,12 +349,6 @@ def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             raise UnsupportedFeatureError(
                 f"cannot merge the adapter of {name!r}: its weight is shared with {', '.join(map(repr, others))} "
                 "(tied weights); merging would change those layers too. Untie the weights, or run unmerged")
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))  # node.meta is copied (shallowly)
-    return fx.GraphModule(gm, graph)
 
 
 def _feed(entry: AdapterEntry, key: str) -> torch.Tensor:

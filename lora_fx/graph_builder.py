@@ -9,6 +9,7 @@ on the inputs' fake values when the graph carries them (export and Dynamo graphs
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -25,6 +26,27 @@ def node_value(node: Any) -> Any:
     if "val" in node.meta:
         return node.meta["val"]
     return node.meta.get("example_value")
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of `gm`'s graph (node.meta copied shallowly), keeping its calling
+    convention (`ep.module()`'s pytree codegen and in/out specs). Passes rewrite the copy, never
+    the caller's graph (Dynamo also keeps reading its own after the backend returns)."""
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    new = fx.GraphModule(gm, graph)
+    if hasattr(gm, "_in_spec"):
+        new._in_spec, new._out_spec = gm._in_spec, gm._out_spec
+    return new
+
+
+def attr_at(root: Any, path: str) -> Any:
+    """`root.a.b.c` for the dotted `path` (a get_attr target, a parameter FQN, a module path)."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def graph_fake_mode(graph: fx.Graph):

@@ -26,13 +26,12 @@ from torch.export.graph_signature import ExportGraphSignature
 
 from .adapters import AdapterSet
 from .errors import LoraFxError
+from .graph_builder import attr_at, copy_graph_module
 from .passes.find_targets import SITE_KEY, weight_node
 from .passes.merge_adapters import check_mergeable, check_untied, merged_weight, strip_adapters, subtracted_weight
 from .program import (
     ADAPTERS_ATTR,
     _adapters_of,
-    _attr_at,
-    _copy_graph_module,
     _copy_program_graph,
     _new_program,
     _repointed_outputs,
@@ -165,7 +164,7 @@ def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgra
 
 def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: bool) -> fx.GraphModule:
     adapters = _adapters_of(gm_in)
-    gm = _copy_graph_module(gm_in)
+    gm = copy_graph_module(gm_in)
     sites, _ = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
@@ -175,32 +174,29 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
                          originals={} if keep_original else None)
     installs = []
     for layer, calls in sites.items():
-        call, entry = calls[0], adapters.entries[layer]
-        if call.op == "call_module":
-            module = gm.get_submodule(call.target)
-            new_weight = merged_weight(entry, module.weight, safe_merge=safe_merge)
-            installs.append((call.target, module, _with_weight(module, new_weight)))
+        entry, path = adapters.entries[layer], _path_of(calls[0])
+        original = attr_at(gm, path)  # the layer's module (call_module sites) or its weight
+        if isinstance(original, nn.Module):
+            new = _with_weight(original, merged_weight(entry, original.weight, safe_merge=safe_merge))
         else:
-            target = weight_node(call).target
-            original = _attr_at(gm, target)
-            installs.append((target, original, nn.Parameter(merged_weight(entry, original, safe_merge=safe_merge),
-                                                            requires_grad=False)))
-    for path, original, new in installs:  # only after every merged weight was computed (and checked)
+            new = nn.Parameter(merged_weight(entry, original, safe_merge=safe_merge), requires_grad=False)
+        installs.append((layer, path, original, new))
+    for layer, path, original, new in installs:  # only after every merged weight was computed (and checked)
         _install(gm, gm_in, path, new)
+        record.weights[layer] = path
         if record.originals is not None:
             record.originals[path] = original
-    record.weights = {layer: _path_of(calls[0]) for layer, calls in sites.items()}
     setattr(gm, MERGED_ATTR, record)
     return gm
 
 
 def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.GraphModule:
-    gm = _copy_graph_module(gm_in)
+    gm = copy_graph_module(gm_in)
     for layer, path in record.weights.items():
         if record.originals is not None:
             restored = record.originals[path]
         else:
-            current = _attr_at(gm, path)
+            current = attr_at(gm, path)
             weight = current.weight if isinstance(current, nn.Module) else current
             plain = nn.Parameter(subtracted_weight(record.adapters.entries[layer], weight), requires_grad=False)
             restored = _with_weight(current, plain.data) if isinstance(current, nn.Module) else plain

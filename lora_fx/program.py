@@ -23,7 +23,7 @@ from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
 from .backend import Spec, read_spec
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
-from .graph_builder import graph_fake_mode
+from .graph_builder import attr_at, copy_graph_module, graph_fake_mode
 from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers
 from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
@@ -186,23 +186,13 @@ def _first_user_input(graph: fx.Graph, sig: ExportGraphSignature):
     return next((n for n in graph.nodes if n.op == "placeholder" and n.name in non_buffer_or_param), None)
 
 
-def _copy_graph_module(gm_in: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph._codegen = copy.deepcopy(gm_in.graph._codegen)  # keep e.g. ep.module()'s pytree calling convention
-    graph.output(graph.graph_copy(gm_in.graph, {}))
-    gm = fx.GraphModule(gm_in, graph)
-    if hasattr(gm_in, "_in_spec"):
-        gm._in_spec, gm._out_spec = gm_in._in_spec, gm_in._out_spec
-    return gm
-
-
 def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_dtype, *,
                             adapters: AdapterSet | None = None) -> fx.GraphModule:
-    gm = _copy_graph_module(gm_in)
+    gm = copy_graph_module(gm_in)
     graph = gm.graph
     site_nodes = find_targets(gm)
     if adapters is None:
-        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda path: _attr_at(gm, path))
+        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda path: attr_at(gm, path))
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)
@@ -231,13 +221,6 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     gm.lora_fx_adapters_set = adapters
     gm.lora_fx_train = train
     return gm
-
-
-def _attr_at(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def save_adapter(obj, path) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph_builder import node_value
+from ..graph_builder import attr_at, node_value
 from ..layers import (
     CONV,
     EMBEDDING,
@@ -141,10 +141,7 @@ def _weight_name(weight: fx.Node, param_names: dict[str, str]) -> str | None:
 
 def _weight_tensor(gm: fx.GraphModule, weight: fx.Node):
     if weight.op == "get_attr":
-        obj = gm
-        for part in weight.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return attr_at(gm, weight.target)
     return node_value(weight)
 
 

@@ -98,7 +98,7 @@ class DoraVariant(LoraVariant):
             x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
             if dropped:
                 x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
-        lora = self._lora(b, site, x, params)                    # B(A(x)), unscaled, adapter dtype
+        lora = self.adapter_product(b, layer, x, params)         # B(A(x)), unscaled, adapter dtype
 
         if dropped:
             # PEFT's training-with-dropout form: the base applied to the dropped input, no bias.
@@ -123,20 +123,6 @@ class DoraVariant(LoraVariant):
         else:
             out = b.call(aten.mul.Tensor, g_v, pre)
         return b.cast(out, out_dtype, b.dtype_of(out, out_dtype))
-
-    def _lora(self, b, site: SiteCall, x, params):
-        layer = site.layer
-        if layer.kind == EMBEDDING:
-            pad = -1 if layer.padding_idx is None else layer.padding_idx
-            h = b.call(aten.embedding.default, b.call(aten.t.default, params["lora_embedding_A"]), x, pad)
-            return b.call(aten.linear.default, h, params["lora_embedding_B"])
-        if layer.kind == CONV:
-            h = _conv(b, x, params["lora_A.weight"], None, layer.stride, layer.padding, layer.dilation, 1)
-            ones = [1] * layer.conv_dims
-            return _conv(b, h, params["lora_B.weight"], params.get("lora_B.bias"), ones, [0] * layer.conv_dims,
-                         ones, 1)
-        h = b.call(aten.linear.default, x, params["lora_A.weight"])
-        return b.call(aten.linear.default, h, params["lora_B.weight"], params.get("lora_B.bias"))
 
     def _base_nobias(self, b, site: SiteCall, x):
         layer = site.layer

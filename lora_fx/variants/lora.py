@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..layers import CONV, EMBEDDING, HF_CONV1D, LayerInfo
+from ..layers import CONV, EMBEDDING, HF_CONV1D, LINEAR, LayerInfo
 from ..rules import Resolved
 from . import register
 from .base import SiteCall, TensorSpec, Variant
@@ -105,34 +105,39 @@ class LoraVariant(Variant):
         # work and no extra pass over an output-sized tensor (measured in docs/performance.md).
         # With lora_bias the bias is scaled too, so the product is scaled after B as PEFT does.
         scale_early = bias is None
-        if layer.kind == EMBEDDING:
-            a_t = b.call(aten.t.default, params["lora_embedding_A"])
-            pad = -1 if layer.padding_idx is None else layer.padding_idx
-            h = b.call(aten.embedding.default, a_t, site.x, pad)
-            h = b.call(aten.mul.Tensor, h, scale)
-            delta = b.call(aten.linear.default, h, params["lora_embedding_B"])
-        else:
+        x = site.x
+        if layer.kind != EMBEDDING:  # embedding inputs are indices: no cast, no dropout (as PEFT)
             x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
             if site.training and cfg.lora_dropout > 0:
                 x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
-            if layer.kind == CONV:
-                h = _conv(b, x, params["lora_A.weight"], None, layer.stride, layer.padding, layer.dilation, 1)
-                if scale_early:
-                    h = b.call(aten.mul.Tensor, h, scale)
-                ones = [1] * layer.conv_dims
-                delta = _conv(b, h, params["lora_B.weight"], bias, ones, [0] * layer.conv_dims, ones, layer.groups)
-            elif (scale_early and not site.needs_grad and adapter_dtype == out_dtype
-                  and b.shape_of(site.base_out) is not None):
-                return _accumulate_into_base(b, site, x, params["lora_A.weight"], params["lora_B.weight"], scale)
-            else:
-                h = b.call(aten.linear.default, x, params["lora_A.weight"])
-                if scale_early:
-                    h = b.call(aten.mul.Tensor, h, scale)
-                delta = b.call(aten.linear.default, h, params["lora_B.weight"], bias)
-            if not scale_early:
-                delta = b.call(aten.mul.Tensor, delta, scale)
+        if (layer.kind in (LINEAR, HF_CONV1D) and scale_early and not site.needs_grad
+                and adapter_dtype == out_dtype and b.shape_of(site.base_out) is not None):
+            return _accumulate_into_base(b, site, x, params["lora_A.weight"], params["lora_B.weight"], scale)
+        delta = self.adapter_product(b, layer, x, params, scale if scale_early else None)
+        if not scale_early:
+            delta = b.call(aten.mul.Tensor, delta, scale)
         delta = b.cast(delta, out_dtype, adapter_dtype)
         return b.call(aten.add.Tensor, site.base_out, delta)
+
+    def adapter_product(self, b, layer: LayerInfo, x, params, h_scale=None):
+        """`B(h_scale · A(x))` (`B(A(x))` without `h_scale`) in the layer's own form: linear,
+        embedding lookup of Aᵀ, or a conv A with the base's geometry and a 1x1 grouped conv B."""
+        if layer.kind == EMBEDDING:
+            pad = -1 if layer.padding_idx is None else layer.padding_idx
+            h = b.call(aten.embedding.default, b.call(aten.t.default, params["lora_embedding_A"]), x, pad)
+        elif layer.kind == CONV:
+            h = _conv(b, x, params["lora_A.weight"], None, layer.stride, layer.padding, layer.dilation, 1)
+        else:
+            h = b.call(aten.linear.default, x, params["lora_A.weight"])
+        if h_scale is not None:
+            h = b.call(aten.mul.Tensor, h, h_scale)
+        if layer.kind == EMBEDDING:
+            return b.call(aten.linear.default, h, params["lora_embedding_B"])
+        if layer.kind == CONV:
+            ones = [1] * layer.conv_dims
+            return _conv(b, h, params["lora_B.weight"], params.get("lora_B.bias"), ones, [0] * layer.conv_dims,
+                         ones, layer.groups)
+        return b.call(aten.linear.default, h, params["lora_B.weight"], params.get("lora_B.bias"))
 
     def merge_blocker(self, res: Resolved, cfg: LoraConfig) -> str | None:
         layer = res.layer
