@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AdapterFileError, ConfigError, UnsupportedFeatureError
+from .patterns import compile_or_none, layer_index_regex, pattern_key_regex
 
 ALL_LINEAR = "all-linear"
 
@@ -147,12 +148,27 @@ class LoraConfig:
         for key, value in self.alpha_pattern.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}] must be a number, got {value!r}")
+        self._check_patterns()
         for name, feature in _NOT_YET.items():
             value = getattr(self, name, None) if name in _fields() else self.extra.get(name)
             if not _is_default(value):
                 raise UnsupportedFeatureError(
                     f"LoraConfig.{name}={value!r}: {feature} is not supported by lora_fx yet"
                 )
+
+    def _check_patterns(self) -> None:
+        """Every regex the rule engine will use compiles, in the form it will be used (rules.py)."""
+        tm = self.target_modules
+        if isinstance(tm, str) and tm.lower() != ALL_LINEAR:
+            _check_regex("target_modules", tm, tm)
+        if isinstance(self.exclude_modules, str):
+            _check_regex("exclude_modules", self.exclude_modules, self.exclude_modules)
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
+        for p in patterns:
+            _check_regex("layers_pattern", p, layer_index_regex(p))
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field_name):
+                _check_regex(f"{field_name}[{key!r}]", key, pattern_key_regex(key))
 
     # -- derived values ----------------------------------------------------------------------
     def scaling_for(self, r: int, alpha: float) -> float:
@@ -212,6 +228,12 @@ class LoraConfig:
         except json.JSONDecodeError as e:
             raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
         return cls.from_peft_dict(data, source=file)
+
+
+def _check_regex(where: str, pattern: str, used_as: str) -> None:
+    error = compile_or_none(used_as)
+    if error is not None:
+        raise ConfigError(f"LoraConfig.{where}: {pattern!r} is not a valid regular expression ({error})")
 
 
 def _fields() -> set[str]:

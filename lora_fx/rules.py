@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetNotFoundError
 from .layers import LINEAR_KINDS, LayerInfo
+from .patterns import layer_index_regex, pattern_key_regex
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,11 @@ def _excluded(cfg: LoraConfig, name: str) -> bool:
 
 def _layer_index(cfg: LoraConfig, name: str) -> int | None:
     patterns = cfg.layers_pattern
-    if not patterns:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        m = None
-        for p in [patterns] if isinstance(patterns, str) else patterns:
-            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
-            if m is not None:
-                break
+    m = None
+    for p in ([patterns] if isinstance(patterns, str) else patterns) if patterns else [None]:
+        m = re.match(layer_index_regex(p), name)
+        if m is not None:
+            break
     return int(m.group("idx")) if m else None
 
 
@@ -79,7 +77,7 @@ def _targeted(cfg: LoraConfig, layer: LayerInfo, output_layers: set[str]) -> boo
 def pattern_key(keys, name: str) -> str | None:
     """The first pattern key that matches `name` the way PEFT's `get_pattern_key` does."""
     for key in keys:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(pattern_key_regex(key), name):
             return key
     return None
 

@@ -171,3 +171,22 @@ def test_saving_with_trained_biases_is_refused_not_silently_incomplete(tmp_path)
     with pytest.raises(lora_fx.UnsupportedFeatureError, match="bias='lora_only'"):
         lora.save_adapter(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fields,where", [
+    (dict(target_modules=r"model\.(q_proj"), "target_modules"),
+    (dict(target_modules=["q_proj"], exclude_modules="*proj"), "exclude_modules"),
+    (dict(target_modules=["q_proj"], rank_pattern={"q_proj[": 4}), r"rank_pattern\['q_proj\['\]"),
+    (dict(target_modules=["q_proj"], alpha_pattern={"(": 4}), r"alpha_pattern\['\('\]"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers)"), "layers_pattern"),
+])
+def test_bad_regex_is_refused_when_the_config_is_built(fields, where):
+    with pytest.raises(lora_fx.ConfigError, match=rf"LoraConfig\.{where}: .* is not a valid regular expression"):
+        lora_fx.LoraConfig(**fields)
+
+
+def test_bad_regex_in_adapter_file_names_the_file(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q"],
+                                                              "rank_pattern": {"q[": 2}}))
+    with pytest.raises(lora_fx.ConfigError, match=r"adapter_config.json: LoraConfig.rank_pattern\['q\['\]"):
+        lora_fx.LoraConfig.from_pretrained(tmp_path)
