@@ -3,6 +3,10 @@
 An `AdapterSet` owns, per adapted layer, the variant's tensors (trainable `nn.Parameter`s) and a
 0-d scaling tensor. Compiled graphs read both as inputs, so copying new values in (another
 adapter of the same shapes, a new alpha, scale 0 to disable) never recompiles.
+
+Invariant: every scaling tensor equals `resolved.scaling * scale_factor`, where `resolved` comes
+from `cfg`, the config of the adapter currently loaded. `load` replaces `cfg` and the tensors
+together (all checked before anything is written); `set_scale` changes only the factor.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 from . import variants
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraFxError
-from .rules import Resolved
+from .rules import Resolved, resolve_layer
 
 PEFT_PREFIX = "base_model.model."
 SCALING_KEY = "lora_scaling"
@@ -55,6 +59,7 @@ class AdapterSet:
 
     def __init__(self, cfg: LoraConfig):
         self.cfg = cfg
+        self.scale_factor = 1.0
         self.entries: dict[str, AdapterEntry] = {}
 
     @classmethod
@@ -91,7 +96,7 @@ class AdapterSet:
                                           "to initialise its adapter")  # pragma: no cover
                     with torch.no_grad():
                         variant.init_from_base(tensors, weight.detach(), res, self.cfg)
-            scaling = torch.tensor(res.scaling, dtype=torch.float32, device=dev)
+            scaling = torch.tensor(res.scaling * self.scale_factor, dtype=torch.float32, device=dev)
             self.entries[name] = AdapterEntry(res, variant, tensors, scaling)
             added.append(name)
         return added
@@ -118,15 +123,69 @@ class AdapterSet:
         return {f"{PEFT_PREFIX}{name}.{key}": t.detach()
                 for name, entry in self.entries.items() for key, t in entry.tensors.items()}
 
+    def load(self, cfg: LoraConfig, state: dict[str, torch.Tensor], *, source: str = "adapter",
+             baked_dropout: float | None = None) -> None:
+        """Load another adapter (its config and tensors) into these adapters, in place.
+
+        Afterwards `cfg` is the loaded adapter's config: scalings follow its alpha / rsLoRA /
+        patterns, saving writes it, and the scale factor is back to 1. Nothing changes unless
+        every check passes.
+
+        Args:
+            baked_dropout: the `lora_dropout` compiled into a program that cannot be rebuilt
+                (a `transform(..., train=True)` program); the adapter must have the same.
+
+        Raises:
+            AdapterFileError: a config that does not fit these adapters (variant, rank,
+                dropout, bias), or a bad tensor (see `load_peft_state_dict`).
+        """
+        plan = self._reconfigured(cfg, source, baked_dropout)
+        self.load_peft_state_dict(state, source=source)
+        for name, res in plan.items():
+            self.entries[name].resolved = res
+        self.cfg = cfg
+        self.set_scale(1.0)
+
+    def set_scale(self, factor: float) -> None:
+        """Scale every adapter by `factor` times its configured scaling (0 disables them)."""
+        self.scale_factor = float(factor)
+        with torch.no_grad():
+            for entry in self.entries.values():
+                entry.scaling.fill_(entry.resolved.scaling * self.scale_factor)
+
+    def _reconfigured(self, cfg: LoraConfig, source: str, baked_dropout: float | None) -> dict[str, Resolved]:
+        """Each layer resolved under `cfg`, checked to fit the tensors and graphs built for `self.cfg`."""
+        new_variant = variants.variant_for(cfg)
+        old_variant = variants.variant_for(self.cfg)
+        if new_variant is not old_variant:
+            raise AdapterFileError(f"{source}: a {new_variant.name!r} adapter cannot be loaded over "
+                                   f"{old_variant.name!r} adapters; build a new backend / program for it")
+        if cfg.bias != self.cfg.bias:
+            raise AdapterFileError(f"{source}: bias={cfg.bias!r}, but these adapters were made with "
+                                   f"bias={self.cfg.bias!r} (which base biases train)")
+        if baked_dropout is not None and cfg.lora_dropout != baked_dropout:
+            raise AdapterFileError(
+                f"{source}: lora_dropout={cfg.lora_dropout}, but this program was transformed with train=True "
+                f"and lora_dropout={baked_dropout} built into its graph; transform the base program again")
+        plan = {}
+        for name, entry in self.entries.items():
+            res = resolve_layer(entry.resolved.layer, cfg)
+            if res.r != entry.resolved.r:
+                raise AdapterFileError(f"{source}: layer {name!r} has rank {res.r} in this adapter's config, "
+                                       f"the loaded adapters have rank {entry.resolved.r}")
+            plan[name] = res
+        return plan
+
     def load_peft_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "adapter",
                              strict_extra: bool = True) -> set[str]:
         """Copy `state` into the adapters (in place: compiled graphs see it without recompiling).
 
-        Every adapter tensor must be present with its exact shape. Keys for layers this set
-        does not have are an error when `strict_extra`, else returned.
+        Every adapter tensor must be present with its exact shape, a floating-point dtype and
+        finite values. Keys for layers this set does not have are an error when `strict_extra`,
+        else returned. Nothing is copied unless every key passes.
 
         Raises:
-            AdapterFileError: naming the missing / unexpected / mis-shaped key.
+            AdapterFileError: naming the missing / unexpected / mis-shaped / non-float / non-finite key.
         """
         own = {f"{PEFT_PREFIX}{name}.{key}": t
                for name, entry in self.entries.items() for key, t in entry.tensors.items()}
@@ -142,10 +201,7 @@ class AdapterSet:
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                 + "; the config's target rules select no such layer in this model")
         for key, t in own.items():
-            src = state[key]
-            if tuple(src.shape) != tuple(t.shape):
-                raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(src.shape)}, "
-                                       f"the model needs {tuple(t.shape)}")
+            check_adapter_value(key, state[key], tuple(t.shape), source)
         with torch.no_grad():
             for key, t in own.items():
                 if t.device.type != "meta":
@@ -154,3 +210,15 @@ class AdapterSet:
 
     def resolved_target_names(self) -> list[str]:
         return list(self.entries)
+
+
+def check_adapter_value(key: str, value: torch.Tensor, shape: tuple[int, ...], source: str) -> None:
+    """An adapter tensor read from a file: the expected shape, floating point, all values finite."""
+    if tuple(value.shape) != shape:
+        raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model needs {shape}")
+    if not value.is_floating_point():
+        raise AdapterFileError(f"{source}: key {key!r} has dtype {value.dtype}; adapter tensors are floating point")
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        raise AdapterFileError(f"{source}: key {key!r} has {int((~finite).sum())} NaN/inf values "
+                               f"(of {value.numel()})")

@@ -84,15 +84,20 @@ class LoraBackend:
 
     def __init__(self, spec: Spec, *, inner: str | Callable = "inductor", adapter_dtype: torch.dtype | None = None,
                  inference_form: bool = True):
-        self.config, self._pending = read_spec(spec)
+        config, self._pending = read_spec(spec)
         self.inference_form = inference_form
-        self.adapters = AdapterSet(self.config)
+        self.adapters = AdapterSet(config)
         self.adapter_dtype = adapter_dtype
         self._inner = _inner_backend(inner)
         self._model: nn.Module | None = None
         self.graphs_compiled = 0
         self.merged = False
         self._originals: dict[str, torch.Tensor] | None = None  # layer -> original weight data
+
+    @property
+    def config(self) -> LoraConfig:
+        """The config of the adapter currently loaded (changes with `load_adapter`)."""
+        return self.adapters.cfg
 
     # -- setup -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> LoraBackend:
@@ -145,27 +150,20 @@ class LoraBackend:
         write_adapter_dir(path, config_to_save(self.config, self.adapters), self.adapters.peft_state_dict())
 
     def load_adapter(self, path: str | os.PathLike) -> None:
-        """Copy another adapter of the same shapes in place; compiled code is reused as is."""
+        """Load another adapter of the same shapes in place; compiled code is reused as is.
+
+        Its config becomes the backend's: scalings follow its `lora_alpha` (and patterns),
+        `save_adapter` writes it, and the scale factor goes back to 1. A different
+        `lora_dropout` takes effect too (training graphs are rebuilt for it)."""
         self._refuse_if_merged("load_adapter")
         cfg, tensors = read_adapter_dir(path)
-        self.adapters.load_peft_state_dict(tensors, source=os.fspath(path))
-        self.set_alpha(cfg)
-
-    def set_alpha(self, cfg: LoraConfig) -> None:
-        """Recompute every layer's scaling from `cfg`'s alpha / rank / rsLoRA settings."""
-        from .rules import pattern_key
-
-        self._refuse_if_merged("set_alpha")
-        for name, entry in self.adapters.entries.items():
-            ak = pattern_key(cfg.alpha_pattern, name)
-            alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.lora_alpha
-            entry.scaling.fill_(cfg.scaling_for(entry.resolved.r, alpha))
+        self.adapters.load(cfg, tensors, source=os.fspath(path))
 
     def set_scale(self, factor: float) -> None:
-        """Multiply every layer's configured scaling by `factor` (0 disables the adapters)."""
+        """Multiply every layer's configured scaling by `factor` (0 disables the adapters; 1
+        restores the loaded adapter's own scaling)."""
         self._refuse_if_merged("set_scale")
-        for entry in self.adapters.entries.values():
-            entry.scaling.fill_(entry.resolved.scaling * factor)
+        self.adapters.set_scale(factor)
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, *, safe_merge: bool = False, keep_original: bool = True) -> None:
@@ -235,19 +233,21 @@ class LoraBackend:
             return self._compile(gm, list(example_inputs))
         # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
         # reads `self.training` itself: follow the attached model's mode at call time, compiling
-        # a graph per mode the first time that mode is seen (at most two, ever).
+        # a graph per (mode, dropout) the first time it is seen (two per graph, unless a loaded
+        # adapter brings another lora_dropout). The dropout is read from the loaded config at
+        # call time, never remembered from compile time.
         # Merged, the graph is Dynamo's own (the weights it reads hold merged values).
-        follow_mode = self._model is not None and self.config.lora_dropout > 0
-
         def current_key():
             if self.merged:
                 return "merged"
-            return bool(self._model.training) if follow_mode else False
+            dropout = self.config.lora_dropout
+            training = self._model is not None and bool(self._model.training) and dropout > 0
+            return (training, dropout) if training else (False, 0.0)
 
         def build(key, inputs):
             if key == "merged":
                 return self._compile(copy_graph_module(gm), inputs), []
-            return self._build_and_compile(gm, inputs, key)
+            return self._build_and_compile(gm, inputs, training=key[0])
 
         first = current_key()
         compiled = {first: build(first, list(example_inputs))}
@@ -265,7 +265,7 @@ class LoraBackend:
         self.graphs_compiled += 1
         return self._inner(gm, example_inputs)
 
-    def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], training: bool):
+    def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, training: bool):
         work = copy_graph_module(gm)
         graph = work.graph
         site_nodes = find_targets(work)

@@ -262,14 +262,31 @@ def check_savable(cfg: LoraConfig) -> None:
 
 
 def load_adapter(obj, path) -> None:
-    """Copy the weights of a PEFT adapter directory into a transformed program / GraphModule /
-    backend, in place (same shapes required; nothing recompiles)."""
+    """Load a PEFT adapter directory into a transformed program / GraphModule / backend, in place.
+
+    Same shapes required; nothing recompiles. The adapter's config (alpha, rsLoRA, patterns)
+    sets the scalings, and `save_adapter` afterwards writes that config.
+
+    Example:
+        >>> import torch, lora_fx, tempfile
+        >>> ep = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(1, 4),))
+        >>> ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+        >>> ep3 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, lora_alpha=8, target_modules=["0"]))
+        >>> path = tempfile.mkdtemp() + "/a"; lora_fx.save_adapter(ep3, path)
+        >>> lora_fx.load_adapter(ep2, path)
+        >>> float(ep2.state_dict["0.lora_scaling"])
+        4.0
+    """
     from .backend import LoraBackend
     from .io import read_adapter_dir
 
     if isinstance(obj, LoraBackend):
         obj.load_adapter(path)
         return
+    if getattr(obj, "lora_fx_merged", None) is not None:
+        raise LoraFxError("this program has its adapters merged into its weights; loading another adapter would "
+                          "leave those merged values in place. Call lora_fx.unmerge on it first")
     adapters = _adapters_of(obj)
-    _, tensors = read_adapter_dir(path)
-    adapters.load_peft_state_dict(tensors, source=str(path))
+    cfg, tensors = read_adapter_dir(path)
+    baked = adapters.cfg.lora_dropout if getattr(obj, "lora_fx_train", False) else None
+    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked)

@@ -100,14 +100,19 @@ def resolve(layers: list[LayerInfo], cfg: LoraConfig, output_layers: set[str] = 
     for layer in layers:
         if layer.name in out or not _targeted(cfg, layer, output_layers):
             continue
-        rk = pattern_key(cfg.rank_pattern, layer.name)
-        ak = pattern_key(cfg.alpha_pattern, layer.name)
-        r = cfg.rank_pattern[rk] if rk is not None else cfg.r
-        alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.lora_alpha
-        out[layer.name] = Resolved(layer, r, alpha, cfg.scaling_for(r, alpha))
+        out[layer.name] = resolve_layer(layer, cfg)
     if require_match and not out:
         raise TargetNotFoundError(_no_match_message(layers, cfg))
     return out
+
+
+def resolve_layer(layer: LayerInfo, cfg: LoraConfig) -> Resolved:
+    """`layer`'s rank, alpha and scaling under `cfg` (rank_pattern / alpha_pattern applied)."""
+    rk = pattern_key(cfg.rank_pattern, layer.name)
+    ak = pattern_key(cfg.alpha_pattern, layer.name)
+    r = cfg.rank_pattern[rk] if rk is not None else cfg.r
+    alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.lora_alpha
+    return Resolved(layer, r, alpha, cfg.scaling_for(r, alpha))
 
 
 def _no_match_message(layers: list[LayerInfo], cfg: LoraConfig) -> str:
