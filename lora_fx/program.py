@@ -24,6 +24,7 @@ from .backend import Spec, read_spec
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import attr_at, copy_graph_module, graph_fake_mode
+from .marks import ADAPTER, MERGED, clear_mark, marked_layers
 from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers
 from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
@@ -62,11 +63,37 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
         ['0.lora_A.weight', '0.lora_B.weight', '0.lora_scaling']
     """
     cfg, pending = read_spec(spec)
+    if isinstance(program, (ExportedProgram, fx.GraphModule)):
+        refuse_lora_fx_graph(program.graph)
     if isinstance(program, ExportedProgram):
         return _transform_program(program, cfg, pending, train, adapter_dtype)
     if isinstance(program, fx.GraphModule):
         return _transform_graph_module(program, cfg, pending, train, adapter_dtype)
     raise LoraFxError(f"transform takes an ExportedProgram or a torch.fx.GraphModule, got {type(program).__name__}")
+
+
+def refuse_lora_fx_graph(graph: fx.Graph) -> None:
+    """Refuse a graph that already carries lora_fx adapters, live or merged (read from its marks,
+    which survive decompositions, `.module()` and export round trips).
+
+    Transforming it again would add a second adapter on top of the first: silently doubled for a
+    merged program, a clash of input names for a transformed one."""
+    merged = marked_layers(graph, MERGED)
+    if merged:
+        raise LoraFxError(
+            f"this program has lora_fx adapters merged into its weights (layers {_few(merged)}); transforming it "
+            "would apply an adapter on top of the merged one. Call lora_fx.unmerge on the merged program, or "
+            "transform the original base program")
+    adapted = marked_layers(graph, ADAPTER)
+    if adapted:
+        raise LoraFxError(
+            f"this program is already transformed by lora_fx (adapters on layers {_few(adapted)}); one adapter per "
+            "program: transform the original base program, or load other weights with lora_fx.load_adapter")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _copy_program_graph(ep: ExportedProgram) -> tuple[fx.GraphModule, ExportGraphSignature]:
@@ -84,6 +111,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     """`adapters`/`weights`: re-inject an existing adapter set over these base weights (unmerge)."""
     gm, sig = _copy_program_graph(ep)
     graph = gm.graph
+    _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
     site_nodes = find_targets(gm, dict(sig.inputs_to_parameters))
     if adapters is None:
         adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda key: ep.state_dict[key])
@@ -148,6 +176,11 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     return new_ep
 
 
+def _clear_merged_marks(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        clear_mark(node, MERGED)
+
+
 def _new_program(ep: ExportedProgram, gm: fx.GraphModule, sig: ExportGraphSignature, state_dict) -> ExportedProgram:
     return ExportedProgram(
         root=gm, graph=gm.graph, graph_signature=sig, state_dict=state_dict,
@@ -190,6 +223,7 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
                             adapters: AdapterSet | None = None) -> fx.GraphModule:
     gm = copy_graph_module(gm_in)
     graph = gm.graph
+    _clear_merged_marks(graph)
     site_nodes = find_targets(gm)
     if adapters is None:
         adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda path: attr_at(gm, path))

@@ -169,12 +169,12 @@ def test_factored_norm_equals_dense_norm_and_never_builds_out_by_in():
     dense = (model[0].weight + 2.0 * b @ a).norm(dim=1)
     # the magnitude was initialised from the dense norm; the graph's factored norm must agree
     torch.testing.assert_close(entry.tensors["lora_magnitude_vector"].detach(), dense)
-    from lora_fx.passes.inject_adapters import ADAPTER_KEY
+    from lora_fx.marks import ADAPTER, has_mark
 
     views = {torch.ops.aten.detach.default, torch.ops.aten.t.default, torch.ops.aten.reshape.default,
              torch.ops.aten.view.default}
     adapter_nodes = [n for n in ep2.graph.nodes
-                     if ADAPTER_KEY in n.meta and isinstance(n.meta.get("val"), torch.Tensor)]
+                     if has_mark(n, ADAPTER) and isinstance(n.meta.get("val"), torch.Tensor)]
     allocating = [tuple(n.meta["val"].shape) for n in adapter_nodes if n.target not in views]
     assert (40, 48) not in allocating and (48, 40) not in allocating, "the norm path built an [out, in] tensor"
     assert (40, 4) in allocating and (4, 4) in allocating  # W·Aᵀ and A·Aᵀ

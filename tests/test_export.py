@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import assert_close, peft_reference, token_input
 
@@ -43,3 +44,50 @@ def test_save_from_program_is_readable_by_peft(tmp_path):
     lora_fx.save_adapter(ep, out_dir)
     reloaded = PeftModel.from_pretrained(base, out_dir).eval()
     assert_close(reloaded(x).logits, peft_model(x).logits, "PEFT reading lora_fx's save")
+
+
+def _round_trips(ep, x):
+    """The forms a user may hold a program in: as is, decomposed, as a module, saved and loaded."""
+    import io
+
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    return {"program": ep, "decomposed": ep.run_decompositions(), "module": ep.module(),
+            "saved_and_loaded": torch.export.load(buf)}
+
+
+def test_merged_program_is_refused_by_transform_in_every_form(tmp_path):
+    base, _, path = peft_reference("llama", tmp_path)
+    x = token_input()
+    merged = lora_fx.merge(lora_fx.transform(torch.export.export(base, (x,)), path))
+    for form, prog in _round_trips(merged, x).items():
+        with pytest.raises(lora_fx.LoraFxError, match=r"merged into its weights \(layers 'lm_head'|unmerge") as info:
+            lora_fx.transform(prog, path)
+        assert "lora_fx.unmerge" in str(info.value), form
+
+
+def test_unmerged_program_can_be_merged_and_unmerged_again(tmp_path):
+    base, peft_model, path = peft_reference("llama", tmp_path)
+    x = token_input()
+    ep = lora_fx.transform(torch.export.export(base, (x,)), path)
+    again = lora_fx.unmerge(lora_fx.merge(ep))
+    assert_close(again.module()(x).logits, peft_model(x).logits, "unmerged")
+    assert_close(lora_fx.merge(again).module()(x).logits, peft_model(x).logits, "merged twice")
+
+
+def test_transformed_program_is_refused_by_transform_in_every_form(tmp_path):
+    # Llama: GPT-2's own exported program fails run_decompositions() (a view of a transposed
+    # attention output; torch 2.13, transformers 5.23), with or without lora_fx.
+    base, _, path = peft_reference("llama", tmp_path)
+    x = token_input()
+    base_ep = torch.export.export(base, (x,))
+    ep = lora_fx.transform(base_ep, path)
+    for form, prog in _round_trips(ep, x).items():
+        with pytest.raises(lora_fx.LoraFxError, match=r"already transformed by lora_fx \(adapters on layers "
+                                                      r"'model.layers.0.mlp.down_proj'"):
+            lora_fx.transform(prog, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+        assert form
+    gm = lora_fx.transform(base_ep.module(), path)
+    with pytest.raises(lora_fx.LoraFxError, match="already transformed"):
+        lora_fx.transform(gm, path)

@@ -9,14 +9,14 @@ from conftest import ConvNet, tiny_gpt2
 from torch.testing import FileCheck
 
 import lora_fx
-from lora_fx.passes.inject_adapters import ADAPTER_KEY
+from lora_fx.marks import ADAPTER, get_mark, has_mark
 
 aten = torch.ops.aten
 
 
 def _ops(graph, skip_adapter=False):
     return Counter(str(n.target) for n in graph.nodes
-                   if n.op == "call_function" and not (skip_adapter and ADAPTER_KEY in n.meta))
+                   if n.op == "call_function" and not (skip_adapter and has_mark(n, ADAPTER)))
 
 
 def _added(before, after):
@@ -75,7 +75,7 @@ def test_backend_uses_the_inference_form_only_without_grad():
     seen = []
 
     def capture(gm, example_inputs):
-        seen.append(Counter(str(n.target) for n in gm.graph.nodes if ADAPTER_KEY in n.meta))
+        seen.append(Counter(str(n.target) for n in gm.graph.nodes if has_mark(n, ADAPTER)))
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_tied_lm_head_is_not_adapted_with_its_embedding():
     gpt = tiny_gpt2()
     ids = torch.randint(0, 128, (2, 8))
     ep2 = lora_fx.transform(torch.export.export(gpt, (ids,)), lora_fx.LoraConfig(r=2, target_modules=["wte"]))
-    adapted = {n.meta[ADAPTER_KEY] for n in ep2.graph.nodes if ADAPTER_KEY in n.meta}
+    adapted = {get_mark(n, ADAPTER) for n in ep2.graph.nodes if has_mark(n, ADAPTER)}
     assert adapted == {"transformer.wte"}
 
 
@@ -132,7 +132,7 @@ def test_backend_graph_has_adapter_nodes_per_site(inner):
     lora.parameters(model)
     torch.compile(model, backend=lora, fullgraph=True)(torch.randn(2, 8))
     (gm,) = seen
-    adapter_nodes = [n for n in gm.graph.nodes if ADAPTER_KEY in n.meta]
+    adapter_nodes = [n for n in gm.graph.nodes if has_mark(n, ADAPTER)]
     assert Counter(str(n.target) for n in adapter_nodes) == Counter(
         {"aten.linear.default": 2, "aten.mul.Tensor": 1, "aten.add.Tensor": 1})
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"][-3:] == [

@@ -10,7 +10,7 @@ from conftest import ConvNet, tiny_bert, tiny_gpt2, tiny_llama, token_input
 from torch import nn
 
 import lora_fx
-from lora_fx.passes.inject_adapters import ADAPTER_KEY
+from lora_fx.marks import ADAPTER, has_mark
 
 
 def _ops(program):
@@ -88,7 +88,7 @@ def test_exported_program_merge_and_unmerge(name, dtype):
     assert _ops(merged) == _ops(ep)
     assert _placeholders(merged) == _placeholders(ep)
     assert set(merged.state_dict) == set(ep.state_dict)
-    assert not any(ADAPTER_KEY in n.meta for n in merged.graph.nodes)
+    assert not any(has_mark(n, ADAPTER) for n in merged.graph.nodes)
 
     with torch.no_grad():
         want = _output(ep_lora.module()(*inputs)).float()
@@ -172,7 +172,7 @@ def test_backend_merge_switches_graphs_without_recompiling():
     seen = []
 
     def capture(gm, example_inputs):
-        seen.append(sum(ADAPTER_KEY in n.meta for n in gm.graph.nodes))
+        seen.append(sum(has_mark(n, ADAPTER) for n in gm.graph.nodes))
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch.manual_seed(0)

@@ -7,10 +7,12 @@ caller implements as new placeholders (Dynamo graphs, exported programs) or `get
 registered parameters (plain GraphModules): never as constants, so new adapter values need no
 recompilation.
 
-Invariants: the base call and its inputs are untouched; every added node carries
-`meta["lora_fx_adapter"] = layer name` (what the merge pass removes), every provided input
-`meta["lora_fx_input"] = (layer name, key)`, and each added node inherits the site's
-`nn_module_stack`/`stack_trace`; `meta["val"]` is kept right where the graph has values.
+Invariants: the base call and its inputs are untouched; every added node carries the `ADAPTER`
+mark (`marks.py`: the layer name; what the merge pass removes), the node replacing the base
+output the `OUTPUT` mark, every provided input the `INPUT` mark (`[layer name, key]`); each added
+node inherits the site's `nn_module_stack`/`stack_trace`; `meta["val"]` is kept right where the
+graph has values. Marks survive decompositions and export round trips, so a transformed program
+is recognisable as one.
 """
 
 from __future__ import annotations
@@ -21,12 +23,9 @@ import torch.fx as fx
 
 from ..adapters import SCALING_KEY, AdapterEntry, AdapterSet
 from ..graph_builder import GraphBuilder, graph_fake_mode
+from ..marks import ADAPTER, INPUT, OUTPUT, set_mark
 from ..variants import SiteCall
 from .find_targets import SITE_KEY, bias_node, weight_node
-
-ADAPTER_KEY = "lora_fx_adapter"
-OUTPUT_KEY = "lora_fx_output"
-INPUT_KEY = "lora_fx_input"
 
 Provide = Callable[[AdapterEntry, str], fx.Node]
 
@@ -45,7 +44,7 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         params = {key: provide(entry, key) for key in entry.tensors}
         scale = provide(entry, SCALING_KEY)
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
-            provided.meta[INPUT_KEY] = (entry.name, key)
+            set_mark(provided, INPUT, [entry.name, key])
         builder = GraphBuilder(gm.graph, node, fake_mode)
         weight, bias = _weight_and_bias(gm, node, entry.variant.needs_base_weight)
         call = SiteCall(layer=site.layer, x=node.args[site.input_index], base_out=node, training=training,
@@ -53,8 +52,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
         created = set(builder.created)
         for n in created:
-            n.meta[ADAPTER_KEY] = site.layer.name
-        new_out.meta[OUTPUT_KEY] = site.layer.name
+            set_mark(n, ADAPTER, site.layer.name)
+        set_mark(new_out, OUTPUT, site.layer.name)
         node.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
         done += 1
     gm.graph.lint()
@@ -73,7 +72,7 @@ def _weight_and_bias(gm: fx.GraphModule, node: fx.Node, needed: bool):
         bias = gm.graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
     for n in (weight, bias):
         if n is not None:
-            n.meta[ADAPTER_KEY] = node.target  # the merge pass removes them with the adapter
+            set_mark(n, ADAPTER, node.target)  # the merge pass removes them with the adapter
     return weight, bias
 
 

@@ -1,8 +1,10 @@
 """merge_adapters: fold each adapter into its base weight and take its subgraph out of the graph.
 
-Reads what `inject_adapters` wrote: `lora_fx_output` on the node that replaced a base output,
-`lora_fx_adapter` on every node it added, `lora_fx_input` on the graph inputs (placeholders or
+Reads the marks `inject_adapters` wrote (`marks.py`): `OUTPUT` on the node that replaced a base
+output, `ADAPTER` on every node it added, `INPUT` on the graph inputs (placeholders or
 `get_attr`s) that feed adapter tensors; and `find_targets`' `lora_fx_site` on the base call.
+Each base call left behind gets the `MERGED` mark, so a merged program is recognisable as one
+(`transform` refuses it rather than adding the adapter a second time).
 For every adapted call, users of the adapter's output are pointed back at the base call, then
 the adapter's nodes and the inputs only they read are erased. What remains is node for node the
 graph the adapters were injected into; the caller installs the merged weights (from
@@ -24,8 +26,8 @@ import torch.fx as fx
 
 from ..adapters import AdapterEntry, AdapterSet
 from ..errors import LoraFxError, UnsupportedFeatureError
+from ..marks import ADAPTER, INPUT, MERGED, OUTPUT, get_mark, has_mark, set_mark
 from .find_targets import SITE_KEY, weight_node
-from .inject_adapters import ADAPTER_KEY, INPUT_KEY, OUTPUT_KEY
 
 
 def check_mergeable(adapters: AdapterSet, layers: Iterable[str] | None = None) -> None:
@@ -46,21 +48,22 @@ def strip_adapters(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], list[s
     graph = gm.graph
     sites: dict[str, list[fx.Node]] = {}
     for node in list(graph.nodes):
-        layer = node.meta.get(OUTPUT_KEY)
+        layer = get_mark(node, OUTPUT)
         if layer is None:
             continue
         base = _base_call_of(node, layer)
         node.replace_all_uses_with(base)
+        set_mark(base, MERGED, layer)
         sites.setdefault(layer, []).append(base)
     for node in reversed(list(graph.nodes)):
-        if ADAPTER_KEY in node.meta:
+        if has_mark(node, ADAPTER):
             if node.users:
-                raise LoraFxError(f"internal: adapter node {node.name} of {node.meta[ADAPTER_KEY]!r} is still "
+                raise LoraFxError(f"internal: adapter node {node.name} of {get_mark(node, ADAPTER)!r} is still "
                                   f"used by {[u.name for u in node.users]}")  # pragma: no cover
             graph.erase_node(node)
     erased = []
     for node in list(graph.nodes):
-        if INPUT_KEY in node.meta and not node.users:
+        if has_mark(node, INPUT) and not node.users:
             erased.append(node.name)
             graph.erase_node(node)
     graph.lint()
@@ -75,9 +78,9 @@ def _base_call_of(output: fx.Node, layer: str) -> fx.Node:
         node = todo.pop()
         for arg in node.all_input_nodes:
             site = arg.meta.get(SITE_KEY)
-            if site is not None and site.layer.name == layer and ADAPTER_KEY not in arg.meta:
+            if site is not None and site.layer.name == layer and not has_mark(arg, ADAPTER):
                 return arg
-            if arg.meta.get(ADAPTER_KEY) == layer and arg not in seen:
+            if get_mark(arg, ADAPTER) == layer and arg not in seen:
                 seen.add(arg)
                 todo.append(arg)
     raise LoraFxError(f"internal: no base call found for the adapter output {output.name} of {layer!r}")

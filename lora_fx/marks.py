@@ -1,0 +1,55 @@
+"""The marks lora_fx leaves on graph nodes, and how they are read.
+
+Marks live in `node.meta["custom"]`, the metadata torch.export carries through
+`run_decompositions()`, `.module()`, re-export and (for call nodes) `torch.export.save/load`, so a
+program can be recognised as transformed or merged from its graph alone. Values are strings (the
+layer name) or lists of strings, so they serialise.
+
+- `ADAPTER`: on every node an adapter subgraph added (the layer name).
+- `OUTPUT`: on the node that replaced a base call's output (the layer name).
+- `INPUT`: on the graph inputs that feed adapter tensors (`[layer, key]`).
+- `MERGED`: on a base call whose weight holds a merged adapter (the layer name).
+
+`meta["custom"]` is never mutated in place: graph copies share node meta dicts shallowly, and
+the caller's graph must not change when a copy is marked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+CUSTOM = "custom"
+ADAPTER = "lora_fx.adapter"
+OUTPUT = "lora_fx.output"
+INPUT = "lora_fx.input"
+MERGED = "lora_fx.merged"
+
+
+def set_mark(node: fx.Node, key: str, value: Any) -> None:
+    node.meta[CUSTOM] = {**(node.meta.get(CUSTOM) or {}), key: value}
+
+
+def get_mark(node: fx.Node, key: str, default: Any = None) -> Any:
+    return (node.meta.get(CUSTOM) or {}).get(key, default)
+
+
+def has_mark(node: fx.Node, key: str) -> bool:
+    return key in (node.meta.get(CUSTOM) or {})
+
+
+def clear_mark(node: fx.Node, key: str) -> None:
+    custom = node.meta.get(CUSTOM) or {}
+    if key in custom:
+        node.meta[CUSTOM] = {k: v for k, v in custom.items() if k != key}
+
+
+def marked_layers(graph: fx.Graph, key: str) -> list[str]:
+    """The distinct layer names the nodes of `graph` are marked with under `key`, sorted."""
+    names = set()
+    for node in graph.nodes:
+        value = get_mark(node, key)
+        if value is not None:
+            names.add(value[0] if isinstance(value, (list, tuple)) else value)
+    return sorted(names)
