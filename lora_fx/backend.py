@@ -19,11 +19,18 @@ from torch import nn
 
 from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterFileError, ConfigError, LoraFxError
+from .errors import AdapterFileError, ConfigError, LoraFxError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import is_adapter_dir, read_adapter_dir, write_adapter_dir
 from .layers import layers_of_module, output_layer_names
-from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers, weight_node
+from .passes.find_targets import (
+    SITE_KEY,
+    find_targets,
+    graph_layers,
+    output_layer_names_of_graph,
+    unmatched_layers,
+    weight_node,
+)
 from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
 
@@ -228,7 +235,7 @@ class LoraBackend:
         site_nodes = find_targets(gm)
         if self._model is None:
             self._adopt_sites(site_nodes, gm, example_inputs)
-        self._check_shapes(site_nodes)
+        self._check_sites(gm, site_nodes)
         if not any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes):
             return self._compile(gm, list(example_inputs))
         # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
@@ -298,7 +305,7 @@ class LoraBackend:
 
     def _adopt_sites(self, site_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs) -> None:
         """No model attached: create (or load) adapters for the layers this graph holds."""
-        layers = site_layers(site_nodes)
+        layers = graph_layers(gm, site_nodes)
         resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
                            require_match=not len(self.adapters))
         # Base weights, for variants initialised from them: Dynamo's example inputs are real.
@@ -316,7 +323,12 @@ class LoraBackend:
             mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes)}
             sub.load_peft_state_dict(mine, source="adapter directory")
 
-    def _check_shapes(self, site_nodes: list[fx.Node]) -> None:
+    def _check_sites(self, gm: fx.GraphModule, site_nodes: list[fx.Node]) -> None:
+        """Every adapted layer this graph runs is a site here, of the shape its adapter was made for."""
+        for layer in unmatched_layers(gm, site_nodes):
+            if layer.name in self.adapters.entries:
+                raise UnsupportedFeatureError(f"layer {layer.name!r} has an adapter, but lora_fx cannot adapt its call "
+                                              f"in the compiled graph: {layer.unsupported}")
         for node in site_nodes:
             layer = node.meta[SITE_KEY].layer
             entry = self.adapters.entries.get(layer.name)

@@ -20,8 +20,8 @@ ALL_LINEAR = "all-linear"
 
 # Keys PEFT writes that do not change what the adapter computes.
 _INERT_KEYS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config",
+    "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "megatron_core", "qalora_group_size", "loftq_config",
 }
 
 # Keys whose non-default value selects a feature lora_fx does not implement yet: (default test, issue).
@@ -43,6 +43,8 @@ _NOT_YET = {
     "monteclora_config": "MonteCLoRA",
     "target_modules_to_tie": "target_modules_to_tie",
     "modules_to_tie": "modules_to_tie",
+    # True gives a tied output layer (lm_head) the embedding's adapter too: it changes the numbers.
+    "ensure_weight_tying": "ensure_weight_tying (adapting a tied lm_head with the embedding's adapter)",
 }
 
 _INIT_MODES = (True, False, "gaussian")
@@ -75,6 +77,8 @@ class LoraConfig:
         rank_pattern: Regex key -> rank, resolved as PEFT does (`$` implied, dotted prefix).
         alpha_pattern: Regex key -> alpha, resolved the same way.
         lora_bias: Give `lora_B` a trainable bias.
+        task_type: PEFT's task type (`"CAUSAL_LM"`, `"SEQ_CLS"`, …). With `"SEQ_CLS"`,
+            `"all-linear"` leaves out a top-level `score` / `classifier` head, as PEFT does.
 
     Example:
         >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -96,6 +100,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    task_type: str | None = None
     # Fields of variants that are not implemented yet: accepted, rejected when set.
     use_dora: bool = False
     use_qalora: bool = False

@@ -6,6 +6,7 @@ One description, filled either from an `nn.Module` (`layers_of_module`) or from 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,9 @@ class LayerInfo:
     has_bias: bool = False
     weight_dtype: torch.dtype = torch.float32
     weight_device: str = "cpu"
+    # Why lora_fx cannot adapt this layer (a quantized weight, a call it cannot read), or None.
+    # Such layers are listed so that targeting one is an error naming it, not a silent skip.
+    unsupported: str | None = None
 
     @property
     def conv_dims(self) -> int:
@@ -63,10 +67,34 @@ def class_qualname(cls: type | str) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def resolve_class(name: str) -> type | None:
+    """The class an exported graph names as `module.Qual.Name`, if its module is imported and
+    the name leads to a class (local classes, `<locals>` in the name, do not resolve)."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is None:
+            continue
+        obj = module
+        for attr in parts[split:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return None
+        return obj if isinstance(obj, type) else None
+    return None
+
+
 def kind_of_class(cls: type | str) -> str | None:
-    """The site kind of a module class (subclasses of supported classes included)."""
+    """The site kind of a module class, subclasses of supported classes included (a class given
+    by name is imported first to read its base classes)."""
     if isinstance(cls, str):
-        return _CLASS_KIND.get(cls)
+        kind = _CLASS_KIND.get(cls)
+        if kind is not None:
+            return kind
+        resolved = resolve_class(cls)
+        if resolved is None:
+            return None
+        cls = resolved
     for klass in cls.__mro__:
         kind = _CLASS_KIND.get(class_qualname(klass))
         if kind is not None:
@@ -83,6 +111,10 @@ def layer_of_module(name: str, module: nn.Module) -> LayerInfo | None:
     common = dict(name=name, kind=kind, class_name=class_qualname(type(module)),
                   has_bias=getattr(module, "bias", None) is not None,
                   weight_dtype=w.dtype, weight_device=str(w.device))
+    if not w.is_floating_point():
+        reason = (f"its class {class_qualname(type(module))} holds a {w.dtype} weight of shape {tuple(w.shape)} "
+                  "(quantized); QLoRA and quantized bases are not supported yet")
+        return LayerInfo(in_features=0, out_features=0, unsupported=reason, **common)
     if kind == LINEAR:
         return LayerInfo(in_features=w.shape[1], out_features=w.shape[0], **common)
     if kind == HF_CONV1D:

@@ -25,16 +25,16 @@ from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import attr_at, copy_graph_module, graph_fake_mode
 from .marks import ADAPTER, MERGED, clear_mark, marked_layers
-from .passes.find_targets import SITE_KEY, find_targets, output_layer_names_of_graph, site_layers
+from .passes.find_targets import SITE_KEY, find_targets, graph_layers, output_layer_names_of_graph
 from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
 
 
-def _make_adapters(site_nodes, cfg: LoraConfig, pending, adapter_dtype, weight_of) -> AdapterSet:
+def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, weight_of) -> AdapterSet:
     """`weight_of(weight name) -> tensor`: the base weights, for variants initialised from them."""
-    resolved = resolve(site_layers(site_nodes), cfg, output_layer_names_of_graph(site_nodes))
+    resolved = resolve(graph_layers(gm, site_nodes), cfg, output_layer_names_of_graph(site_nodes))
     names = {n.meta[SITE_KEY].layer.name: n.meta[SITE_KEY].weight for n in site_nodes}
     weights = {layer: weight_of(names[layer]) for layer in resolved}
     adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype, weights=weights)
@@ -112,9 +112,9 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     gm, sig = _copy_program_graph(ep)
     graph = gm.graph
     _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
-    site_nodes = find_targets(gm, dict(sig.inputs_to_parameters))
+    site_nodes = find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})
     if adapters is None:
-        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda key: ep.state_dict[key])
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, lambda key: ep.state_dict[key])
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -226,7 +226,7 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     _clear_merged_marks(graph)
     site_nodes = find_targets(gm)
     if adapters is None:
-        adapters = _make_adapters(site_nodes, cfg, pending, adapter_dtype, lambda path: attr_at(gm, path))
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, lambda path: attr_at(gm, path))
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)

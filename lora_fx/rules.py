@@ -1,7 +1,8 @@
 """Target rules with PEFT semantics: which layers get an adapter, and with which rank and alpha.
 
 - `target_modules` list: a name matches if it equals an entry or ends with `"." + entry`;
-  string: `re.fullmatch`; `"all-linear"`: every Linear / Conv1D except the output layer.
+  string: `re.fullmatch`; `"all-linear"`: every Linear / Conv1D except the output layer (the
+  model's output embedding; else, with `task_type="SEQ_CLS"`, a top-level `score` / `classifier`).
 - `exclude_modules` likewise (list: exact or suffix; string: full regex).
 - `layers_to_transform` (+ `layers_pattern`) keep only the layers whose first numbered path
   segment (after the pattern) is listed. Only applies to list targets, as in PEFT.
@@ -16,9 +17,12 @@ import re
 from dataclasses import dataclass
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import TargetNotFoundError
+from .errors import TargetNotFoundError, UnsupportedFeatureError
 from .layers import LINEAR_KINDS, LayerInfo
 from .patterns import layer_index_regex, pattern_key_regex
+
+# The top-level classification heads PEFT leaves out of "all-linear" for task_type="SEQ_CLS".
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ def resolve(layers: list[LayerInfo], cfg: LoraConfig, output_layers: set[str] = 
 
     Raises:
         TargetNotFoundError: nothing matched (with the closest layer names), if `require_match`.
+        UnsupportedFeatureError: a targeted layer lora_fx cannot adapt (`LayerInfo.unsupported`).
 
     Example:
         >>> from lora_fx.layers import LayerInfo
@@ -96,10 +101,15 @@ def resolve(layers: list[LayerInfo], cfg: LoraConfig, output_layers: set[str] = 
         >>> resolve(layers, cfg)["model.layers.0.q_proj"].r
         2
     """
+    if not output_layers and cfg.task_type == "SEQ_CLS":  # PEFT: only when there is no output embedding
+        output_layers = {n for n in SEQ_CLS_HEAD_NAMES if any(layer.name == n for layer in layers)}
     out: dict[str, Resolved] = {}
     for layer in layers:
         if layer.name in out or not _targeted(cfg, layer, output_layers):
             continue
+        if layer.unsupported is not None:
+            raise UnsupportedFeatureError(f"target rules select layer {layer.name!r}, which lora_fx cannot adapt: "
+                                          f"{layer.unsupported}. Exclude it (exclude_modules) or target other layers")
         out[layer.name] = resolve_layer(layer, cfg)
     if require_match and not out:
         raise TargetNotFoundError(_no_match_message(layers, cfg))

@@ -87,29 +87,56 @@ MODELS = {
 }
 
 
-def peft_reference(name: str, tmp_path, **overrides):
-    """(base model, PEFT model, adapter dir): a PEFT adapter with random A and B, saved."""
+def peft_adapter(base, tmp_path, name="adapter", **cfg):
+    """(PEFT model over a copy of `base`, its saved directory): random nonzero A, B (and lora_B
+    biases, embedding factors); DoRA magnitudes moved off their init so that g != 1."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    torch.manual_seed(123)
+    peft_model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(**{"init_lora_weights": False, **cfg})).eval()
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+            elif "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    path = tmp_path / name
+    peft_model.save_pretrained(path)
+    return peft_model, path
+
+
+def peft_reference(name: str, tmp_path, **overrides):
+    """(base model, PEFT model, adapter dir) for one of `MODELS`, with a random PEFT adapter saved."""
     factory, _, kwargs, _ = MODELS[name]
     base = factory()
-    torch.manual_seed(123)
-    cfg = PeftLoraConfig(init_lora_weights=False, **{**kwargs, **overrides})
-    peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
-    with torch.no_grad():  # make lora_B biases and embedding factors nonzero and distinct
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-    path = tmp_path / f"{name}_adapter"
-    peft_model.save_pretrained(path)
+    peft_model, path = peft_adapter(base, tmp_path, f"{name}_adapter", **{**kwargs, **overrides})
     return base, peft_model, path
+
+
+def forward_backward(model, x, extract=lambda o: o):
+    """The output, after `(out * w).sum()` was back-propagated with fixed random weights `w` (every
+    output element contributes differently to the gradients)."""
+    out = extract(model(x))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * w).sum().backward()
+    return out.detach()
 
 
 def assert_close(actual, expected, what="output", rel=1e-5):
     err = (actual.detach().float() - expected.detach().float()).abs().max().item()
     scale = expected.detach().float().abs().max().item()
     assert err <= rel * max(scale, 1e-12), f"{what}: max abs err {err:.3e} > {rel} * max|ref| ({scale:.3e})"
+
+
+def check_grads(named_params, ref_grads, route):
+    """Every reference grad has a lora_fx tensor of that name with a matching gradient."""
+    named = dict(named_params)
+    assert set(named) == set(ref_grads), f"{route}: adapter tensors differ from PEFT's: " \
+        f"{sorted(set(named) ^ set(ref_grads))[:5]}"
+    for name, p in named.items():
+        assert p.grad is not None, f"{route}: no gradient for {name}"
+        assert_close(p.grad, ref_grads[name], f"{route}: grad of {name}")
 
 
 def peft_adapter_grads(peft_model) -> dict[str, torch.Tensor]:

@@ -56,6 +56,20 @@ def test_unsupported_feature_in_adapter_file(tmp_path):
         lora_fx.backend(path)
 
 
+def test_ensure_weight_tying_in_adapter_file_is_refused(tmp_path):
+    # PEFT's ensure_weight_tying=True adapts a tied lm_head with the embedding's factors: ignoring it
+    # would change the logits silently.
+    _, _, path = peft_reference("gpt2", tmp_path)
+    cfg_file = path / "adapter_config.json"
+    data = json.loads(cfg_file.read_text())
+    assert data["ensure_weight_tying"] is False  # PEFT writes the key; False is the default and is fine
+    lora_fx.backend(path)
+    data["ensure_weight_tying"] = True
+    cfg_file.write_text(json.dumps(data))
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"ensure_weight_tying=True"):
+        lora_fx.backend(path)
+
+
 def test_unknown_key_with_a_value_is_refused(tmp_path):
     _, _, path = peft_reference("gpt2", tmp_path)
     cfg_file = path / "adapter_config.json"

@@ -66,3 +66,75 @@ def test_graph_inventory_resolves_like_the_module(model_name, kwargs):
     from_module = resolve(layers_of_module(model), cfg, output_layer_names(model))
     assert {n: (r.r, r.scaling) for n, r in from_graph.items()} == \
         {n: (r.r, r.scaling) for n, r in from_module.items()}
+
+
+# -- "all-linear": which output layer is left out, per route ----------------------------------------
+
+def _bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=48, vocab_size=64,
+                                                    max_position_embeddings=16, num_labels=3)).eval()
+
+
+def _vit_cls():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=48, image_size=8, patch_size=4,
+                                               num_labels=3)).eval()
+
+
+def _gemma2_softcapped():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64,
+                                          final_logit_softcapping=30.0, use_cache=False)).eval()
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).eval()
+
+
+def _ids(vocab=64):
+    return torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+ALL_LINEAR_MODELS = {
+    "bert_seq_cls": (_bert_cls, _ids, {}),
+    "bert_seq_cls_task": (_bert_cls, _ids, {"task_type": "SEQ_CLS"}),
+    "vit_image_cls": (_vit_cls, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), {}),
+    "cnn": (_cnn, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), {}),
+    "llama_untied_head": (tiny_llama, lambda: _ids(128), {}),
+    "gpt2_tied_head": (tiny_gpt2, lambda: _ids(128), {}),
+    "gemma2_softcapped_head": (_gemma2_softcapped, _ids, {}),
+}
+
+
+@pytest.mark.parametrize("route", ["module", "program", "backend_unattached"])
+@pytest.mark.parametrize("name", list(ALL_LINEAR_MODELS))
+def test_all_linear_leaves_out_what_peft_leaves_out(name, route):
+    from lora_fx.marks import ADAPTER, marked_layers
+
+    factory, make_input, extra = ALL_LINEAR_MODELS[name]
+    model = factory()
+    kwargs = dict(target_modules="all-linear", **extra)
+    expected = set(_peft_targets(model, kwargs))
+    cfg = lora_fx.LoraConfig(**kwargs)
+    x = make_input()
+    if route == "module":
+        got = set(resolve(layers_of_module(model), cfg, output_layer_names(model)))
+    elif route == "program":
+        got = set(marked_layers(lora_fx.transform(torch.export.export(model, (x,)), cfg).graph, ADAPTER))
+    else:
+        lora = lora_fx.backend(cfg, inner="aot_eager")
+        torch.compile(model, backend=lora, fullgraph=True)(x)
+        got = set(lora.adapters.entries)
+    assert got == expected, f"only lora_fx: {sorted(got - expected)}, only PEFT: {sorted(expected - got)}"

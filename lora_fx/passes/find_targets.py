@@ -5,22 +5,36 @@ What it matches, in any of the graphs lora_fx sees:
   (transformers Conv1D), with weights as parameter placeholders (`grapharg` sources);
 - export aten IR: `aten.linear`, `aten.embedding`, `aten.conv{1,2,3}d` (both overloads),
   `aten.convolution` (not transposed), `aten.addmm`, with weights as parameter placeholders
-  named by the graph signature;
+  named by the graph signature; and the decomposed linear of `run_decompositions()`:
+  `addmm` / `mm` / `matmul` whose second operand is the transposed weight (`t` / `permute`);
 - GraphModules: the same ops with weights as `get_attr` nodes (`ep.module()`), or `call_module`
   nodes of Linear / Conv1D / Embedding / ConvNd (`symbolic_trace`).
 A call is a site only if the innermost module on its `nn_module_stack` is an adaptable layer
-of the op's kind (PEFT adapts modules, not functional calls); the layer's name is that
-module's path. Tied weights therefore adapt by module: GPT-2's `lm_head` and `wte` share a
-weight but are separate sites.
+of the op's kind (PEFT adapts modules, not functional calls), subclasses included; the layer's
+name is that module's path. Export records module classes as strings: they are imported to
+read their base classes, and a class that cannot be imported (a local class) counts when the
+call reads that module's own `weight`. Tied weights therefore adapt by module: GPT-2's
+`lm_head` and `wte` share a weight but are separate sites.
 
-Invariants: the pass only writes `node.meta["lora_fx_site"]`; the graph is unchanged.
+The adapter is added at the op, which is where PEFT's "module output + delta(module input)" lands
+only if the module does nothing else to its activations. So a call is a site only if, within
+that module call, the path from the module's input through the op to its output holds nothing
+but views, the add of the layer's own bias (a decomposed or hand-written linear), or, for an
+embedding, the multiply by the module's `embed_scale` (which PEFT applies to its delta too).
+Other calls of adaptable classes (a subclass that pads, routes, rescales; a quantized layer's
+own matmul) are annotated as refused with the reason: rule resolution refuses to target them
+(`unmatched_layers`) rather than silently leaving them unadapted or adapting them differently.
+
+Invariants: the pass only writes `node.meta["lora_fx_site"]` (sites) and
+`node.meta["lora_fx_refused"]` (refused calls of adaptable layers); the graph is unchanged.
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -37,9 +51,11 @@ from ..layers import (
     class_qualname,
     kind_of_class,
     layer_of_module,
+    resolve_class,
 )
 
 SITE_KEY = "lora_fx_site"
+REFUSED_KEY = "lora_fx_refused"
 aten = torch.ops.aten
 
 
@@ -58,6 +74,8 @@ _LINEAR_OPS = {torch._C._nn.linear, aten.linear.default}
 _EMBEDDING_TORCH = {F.embedding}
 _EMBEDDING_ATEN = {aten.embedding.default}
 _ADDMM_OPS = {torch.addmm, aten.addmm.default}
+_MM_OPS = {aten.mm.default}
+_MATMUL_OPS = {aten.matmul.default, torch.matmul, operator.matmul}
 _CONV_TORCH = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
                aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
                aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
@@ -78,29 +96,110 @@ def _tuple(value, n: int) -> tuple[int, ...] | str:
     return value * n if len(value) == 1 and n > 1 else value
 
 
-def _parse_call(node: fx.Node):
-    """(kind, input_index, weight_node, extras) for an adaptable op call, else None."""
+@dataclass(frozen=True)
+class ParsedCall:
+    """An adaptable op call as read from the graph: `node.args[input_index]` is the layer input,
+    `weight` the node the weight comes from (the parameter itself, seen through a transpose),
+    `bias` the bias node or None."""
+
+    kind: str
+    input_index: int
+    weight: Any
+    bias: Any = None
+    extras: dict = field(default_factory=dict)
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, torch.t}
+
+
+def untransposed(node) -> fx.Node | None:
+    """`W` if `node` is `Wᵀ` of a 2-D `W` (`t`, `.T`, `permute(·, [1, 0])`, `transpose(·, 0, 1)`, in
+    aten or Dynamo's torch IR), else None."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    t, args = node.target, node.args
+    if t in _TRANSPOSES or (node.op == "call_method" and t == "t"):
+        return args[0]
+    if t is getattr and len(args) == 2 and args[1] == "T":
+        return args[0]
+    if t in (aten.permute.default, "permute") and [int(d) for d in _flat(args[1:])] == [1, 0]:
+        return args[0]
+    if t in (aten.transpose.int, torch.transpose, "transpose") and len(args) == 3 \
+            and sorted(int(d) % 2 for d in args[1:3]) == [0, 1]:
+        return args[0]
+    return None
+
+
+def _flat(args) -> list:
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+
+
+_WEIGHT_SHAPING = {"t", "numpy_T", "permute", "transpose", "T", "expand", "view", "_unsafe_view", "reshape",
+                   "unsqueeze"}
+
+
+def broadcast_weight(node) -> fx.Node | None:
+    """`W` if `node` is `Wᵀ` of a 2-D `W` broadcast over leading batch dims (the second operand
+    of the `bmm` a decomposed `matmul` becomes: `view(expand(permute(W)))`), else None."""
+    want = None
+    while isinstance(node, fx.Node):
+        w = untransposed(node)
+        if w is not None:
+            val = node_value(node)
+            ok = want is None or (isinstance(val, torch.Tensor) and tuple(val.shape) == want)
+            return w if ok and val is not None and val.dim() == 2 else None
+        if _target_name(node) not in ("expand", "view", "_unsafe_view", "reshape", "unsqueeze"):
+            return None
+        val = node_value(node)
+        if not isinstance(val, torch.Tensor) or val.dim() < 2:
+            return None
+        if want is not None and tuple(val.shape[-2:]) != want:
+            return None
+        want = tuple(val.shape[-2:])
+        node = node.args[0]
+    return None
+
+
+def _parse_matmul(node: fx.Node, bias, x_index: int, mat2) -> ParsedCall:
+    """`x @ mat2 (+ bias)`: a decomposed Linear when `mat2` is a transposed weight, else Conv1D's
+    `x @ W` with W stored (in, out)."""
+    w = untransposed(mat2)
+    if w is not None:
+        return ParsedCall(LINEAR, x_index, w, bias)
+    return ParsedCall(HF_CONV1D, x_index, mat2, bias)
+
+
+def _parse_call(node: fx.Node) -> ParsedCall | None:
+    """The adaptable op call `node` is, else None."""
     t = node.target
     if t in _LINEAR_OPS:
-        return LINEAR, 0, _arg(node, 1, "weight"), {}
+        return ParsedCall(LINEAR, 0, _arg(node, 1, "weight"), _arg(node, 2, "bias"))
     if t in _EMBEDDING_TORCH:
-        pad = _arg(node, 2, "padding_idx")
-        return EMBEDDING, 0, _arg(node, 1, "weight"), {"padding_idx": pad}
+        return ParsedCall(EMBEDDING, 0, _arg(node, 1, "weight"), extras={"padding_idx": _arg(node, 2, "padding_idx")})
     if t in _EMBEDDING_ATEN:
         pad = _arg(node, 2, "padding_idx", -1)
-        return EMBEDDING, 1, _arg(node, 0, "weight"), {"padding_idx": None if pad == -1 else pad}
+        return ParsedCall(EMBEDDING, 1, _arg(node, 0, "weight"), extras={"padding_idx": None if pad == -1 else pad})
     if t in _ADDMM_OPS:
-        return HF_CONV1D, 1, _arg(node, 2, "mat2"), {}
+        return _parse_matmul(node, _arg(node, 0, "input"), 1, _arg(node, 2, "mat2"))
+    if t in _MM_OPS:
+        return _parse_matmul(node, None, 0, _arg(node, 1, "mat2"))
+    if t is aten.bmm.default:
+        w = broadcast_weight(node.args[1])
+        return ParsedCall(LINEAR, 0, w) if w is not None else None
+    if t in _MATMUL_OPS:
+        w = untransposed(node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
+        return ParsedCall(LINEAR, 0, w) if w is not None else None
     if t in _CONV_TORCH:
         n = _CONV_TORCH[t]
-        return CONV, 0, _arg(node, 1, "weight"), {
+        return ParsedCall(CONV, 0, _arg(node, 1, "weight"), _arg(node, 2, "bias"), {
             "stride": _tuple(_arg(node, 3, "stride", 1), n), "padding": _tuple(_arg(node, 4, "padding", 0), n),
-            "dilation": _tuple(_arg(node, 5, "dilation", 1), n), "groups": int(_arg(node, 6, "groups", 1))}
+            "dilation": _tuple(_arg(node, 5, "dilation", 1), n), "groups": int(_arg(node, 6, "groups", 1))})
     if t is aten.convolution.default and not node.args[6]:
         w = node.args[1]
         n = len(node_value(w).shape) - 2 if isinstance(w, fx.Node) and node_value(w) is not None else 2
-        return CONV, 0, w, {"stride": _tuple(node.args[3], n), "padding": _tuple(node.args[4], n),
-                            "dilation": _tuple(node.args[5], n), "groups": int(node.args[8])}
+        return ParsedCall(CONV, 0, w, node.args[2], {
+            "stride": _tuple(node.args[3], n), "padding": _tuple(node.args[4], n),
+            "dilation": _tuple(node.args[5], n), "groups": int(node.args[8])})
     return None
 
 
@@ -125,16 +224,19 @@ def _module_stack_entry(node: fx.Node):
     return normalize_path(path), cls
 
 
-def _weight_name(weight: fx.Node, param_names: dict[str, str]) -> str | None:
-    if weight.op == "get_attr":
-        return weight.target
-    if weight.op != "placeholder":
+def _state_name(node: fx.Node, state_names: dict[str, str]) -> str | None:
+    """The FQN of the parameter or buffer a node is (placeholder or get_attr), else None."""
+    if not isinstance(node, fx.Node):
         return None
-    if weight.name in param_names:
-        return param_names[weight.name]
-    grapharg = weight.meta.get("grapharg")
+    if node.op == "get_attr":
+        return node.target
+    if node.op != "placeholder":
+        return None
+    if node.name in state_names:
+        return state_names[node.name]
+    grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
-    if source is not None and "_parameters" in source.name:
+    if source is not None and ("_parameters" in source.name or "_buffers" in source.name):
         return normalize_path(source.name)
     return None
 
@@ -145,23 +247,26 @@ def _weight_tensor(gm: fx.GraphModule, weight: fx.Node):
     return node_value(weight)
 
 
-def _site_of_call(gm: fx.GraphModule, node: fx.Node, param_names: dict[str, str]) -> TargetSite | None:
+def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str],
+                  scopes: dict[str, list[fx.Node]]) -> TargetSite | LayerInfo | None:
+    """The site `node` is; a LayerInfo with `unsupported` set for a call of an adaptable layer that
+    cannot be adapted at the op; None for anything else."""
     parsed = _parse_call(node)
     if parsed is None:
         return None
-    kind, input_index, weight, extras = parsed
+    kind, weight, extras = parsed.kind, parsed.weight, parsed.extras
     if not isinstance(weight, fx.Node):
         return None
-    weight_name = _weight_name(weight, param_names)
+    weight_name = _state_name(weight, state_names)
     if weight_name is None:
         return None  # a computed weight (e.g. a dequantised one): not a parameter site
     w = _weight_tensor(gm, weight)
-    if not isinstance(w, torch.Tensor):
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
     entry = _module_stack_entry(node)
     if entry is not None:
         name, cls = entry
-        if kind_of_class(cls) != kind:
+        if _layer_kind(cls, name, weight_name, kind) != kind:
             return None
         class_name = class_qualname(cls)
     else:
@@ -173,10 +278,82 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, param_names: dict[str, str]
     else:
         groups = extras["groups"]
         dims = dict(in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]))
-    has_bias = kind in (LINEAR, CONV) and _arg(node, 2, "bias") is not None or kind == HF_CONV1D
-    layer = LayerInfo(name=name, kind=kind, class_name=class_name, has_bias=has_bias,
+    layer = LayerInfo(name=name, kind=kind, class_name=class_name, has_bias=isinstance(parsed.bias, fx.Node),
                       weight_dtype=w.dtype, weight_device=str(w.device), **dims, **extras)
-    return TargetSite(layer, input_index, weight_name)
+    if entry is not None:
+        problem = _placement_problem(node, parsed, name, state_names, scopes.get(_stack_key(node), []))
+        if problem is not None:
+            return replace(layer, unsupported=f"its class {class_name} {problem}")
+    return TargetSite(layer, parsed.input_index, weight_name)
+
+
+# Ops that only re-view an activation: the adapter commutes with them.
+_VIEWS = {"view", "reshape", "_unsafe_view", "expand", "squeeze", "unsqueeze", "flatten", "contiguous", "clone",
+          "alias", "detach"}
+_CASTS = {"to", "_to_copy", "type_as", "float", "half", "bfloat16", "type"}
+
+
+def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, state_names: dict[str, str],
+                       scope: list[fx.Node]) -> str | None:
+    """Why the adapter added at `op` would not equal PEFT's adapter added to the module's output
+    (computed from its input), or None: the activation path through the module call, in `scope`,
+    must hold only views, the add of the layer's own bias, or (embedding) the multiply by its
+    `embed_scale`."""
+    in_scope = set(scope)
+    x = op.args[parsed.input_index] if len(op.args) > parsed.input_index else None
+    upstream, cur = [], x
+    while isinstance(cur, fx.Node) and cur in in_scope and cur.op in ("call_function", "call_method"):
+        upstream.append(cur)
+        cur = cur.args[0] if cur.args else None
+    downstream, todo = [], [op]
+    while todo:
+        for user in todo.pop().users:
+            if user in in_scope and user not in downstream and _is_tensor(user):
+                downstream.append(user)
+                todo.append(user)
+    for n in upstream:
+        if _target_name(n) not in _VIEWS:
+            return f"transforms its input ({_target_name(n)}) before the {parsed.kind} op"
+    for n in downstream:
+        name = _target_name(n)
+        if name in _VIEWS:
+            continue
+        others = [a for a in n.args if isinstance(a, fx.Node) and a not in downstream and a is not op]
+        if name == "add" and len(others) == 1 and _state_name(others[0], state_names) == f"{layer}.bias":
+            continue
+        if name == "mul" and parsed.kind == EMBEDDING and len(others) == 1 \
+                and (_state_name(_uncast(others[0]), state_names) or "").endswith(".embed_scale"):
+            continue
+        return (f"computes {name} on the {parsed.kind} op's output inside its forward; PEFT adds the adapter to "
+                "the module's output, lora_fx adds it at the op, so the two would differ")
+    return None
+
+
+def _uncast(node: fx.Node) -> fx.Node:
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") \
+            and _target_name(node) in _CASTS and node.args:
+        node = node.args[0]
+    return node
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node_value(node), torch.Tensor)
+
+
+def _stack_key(node: fx.Node) -> str | None:
+    """The key of the innermost module call on the node's stack (one per call: `...@1` for a second)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else None
+
+
+def _layer_kind(cls, module_path: str, weight_name: str, call_kind: str) -> str | None:
+    """The site kind of the module a call runs in: by its class (base classes included); for a
+    class export recorded by a name that cannot be imported, by what the call computes on that
+    module's own weight."""
+    kind = kind_of_class(cls)
+    if kind is None and isinstance(cls, str) and resolve_class(cls) is None and weight_name == f"{module_path}.weight":
+        return call_kind
+    return kind
 
 
 def _site_of_module_call(gm: fx.GraphModule, node: fx.Node) -> TargetSite | None:
@@ -187,46 +364,93 @@ def _site_of_module_call(gm: fx.GraphModule, node: fx.Node) -> TargetSite | None
     return TargetSite(layer, 0, f"{node.target}.weight")
 
 
-def find_targets(gm: fx.GraphModule, param_names: dict[str, str] | None = None) -> list[fx.Node]:
-    """Annotate the adaptable call sites of `gm`; return their nodes in graph order.
+def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) -> list[fx.Node]:
+    """Annotate the adaptable call sites of `gm` (and the refused calls of adaptable layers);
+    return the sites' nodes in graph order.
 
     Args:
         gm: a Dynamo, export (aten) or plain GraphModule.
-        param_names: placeholder name -> parameter FQN (an ExportedProgram's signature).
+        state_names: placeholder name -> parameter / buffer FQN (an ExportedProgram's signature).
     """
-    param_names = param_names or {}
+    state_names = state_names or {}
+    scopes: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        key = _stack_key(node)
+        if key is not None:
+            scopes.setdefault(key, []).append(node)
     found = []
     for node in gm.graph.nodes:
         site = None
-        if node.op == "call_function":
-            site = _site_of_call(gm, node, param_names)
+        if node.op in ("call_function", "call_method"):
+            site = _site_of_call(gm, node, state_names, scopes)
         elif node.op == "call_module":
             site = _site_of_module_call(gm, node)
-        if site is not None:
+        if isinstance(site, LayerInfo):
+            node.meta[REFUSED_KEY] = site
+        elif site is not None:
             node.meta[SITE_KEY] = site
             found.append(node)
     return found
 
 
 def weight_node(node: fx.Node) -> fx.Node | None:
-    """The weight argument of an adaptable op call (None for `call_module` sites)."""
+    """The weight parameter an adaptable op call reads (seen through a transpose; None for
+    `call_module` sites)."""
     parsed = _parse_call(node) if node.op == "call_function" else None
-    weight = parsed[2] if parsed is not None else None
+    weight = parsed.weight if parsed is not None else None
     return weight if isinstance(weight, fx.Node) else None
 
 
 def bias_node(node: fx.Node) -> fx.Node | None:
     """The bias argument of an adaptable op call, if any (`addmm`'s is its first argument)."""
-    if node.op != "call_function":
-        return None
-    t = node.target
-    if t in _ADDMM_OPS:
-        bias = _arg(node, 0, "input")
-    elif t in _LINEAR_OPS or t in _CONV_TORCH or t is aten.convolution.default:
-        bias = _arg(node, 2, "bias")
-    else:
-        bias = None
+    parsed = _parse_call(node) if node.op == "call_function" else None
+    bias = parsed.bias if parsed is not None else None
     return bias if isinstance(bias, fx.Node) else None
+
+
+def weight_readers(weight: fx.Node) -> set[fx.Node]:
+    """The nodes that compute with `weight`: its users, seen through the transposes, views and
+    broadcasts that reshape it for a matmul."""
+    readers, todo = set(), list(weight.users)
+    while todo:
+        user = todo.pop()
+        if _target_name(user) in _WEIGHT_SHAPING:
+            todo.extend(user.users)
+        else:
+            readers.add(user)
+    return readers
+
+
+def unmatched_layers(gm: fx.GraphModule, site_nodes: list[fx.Node]) -> list[LayerInfo]:
+    """Adaptable modules (by class) whose code runs in `gm` but none of whose calls is a site:
+    e.g. a bitsandbytes `Linear4bit` (a Linear subclass whose matmul reads a packed 4-bit weight).
+    Each is described with `unsupported` set, so targeting it is an error, never a silent skip."""
+    found = {n.meta[SITE_KEY].layer.name for n in site_nodes}
+    out: dict[str, LayerInfo] = {}
+    for node in gm.graph.nodes:
+        refused = node.meta.get(REFUSED_KEY)
+        if refused is not None and refused.name not in found:
+            out.setdefault(refused.name, refused)
+    for node in gm.graph.nodes:
+        entry = _module_stack_entry(node) if node.op == "call_function" else None
+        if entry is None or entry[0] in found or entry[0] in out:
+            continue
+        name, cls = entry
+        kind = kind_of_class(cls)
+        if kind is not None:
+            out[name] = LayerInfo(name=name, kind=kind, in_features=0, out_features=0, class_name=class_qualname(cls),
+                                  unsupported=unsupported_reason(class_qualname(cls)))
+    return list(out.values())
+
+
+def unsupported_reason(class_name: str) -> str:
+    return (f"its class {class_name} computes with a weight lora_fx cannot adapt (quantized, or not a parameter "
+            "the graph reads directly); QLoRA and quantized bases are not supported yet")
+
+
+def graph_layers(gm: fx.GraphModule, site_nodes: list[fx.Node]) -> list[LayerInfo]:
+    """Every layer the rules may target in `gm`: the sites' layers, then the unmatched ones."""
+    return site_layers(site_nodes) + unmatched_layers(gm, site_nodes)
 
 
 def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
@@ -238,12 +462,39 @@ def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
     return list(seen.values())
 
 
-# Ops through which a value still "is" the layer's output (shape, dtype, slicing only).
-_PASS_THROUGH = {
-    "view", "reshape", "_unsafe_view", "slice", "select", "getitem", "contiguous", "clone", "alias",
-    "detach", "float", "to", "_to_copy", "type_as", "squeeze", "unsqueeze", "permute", "transpose",
-    "flatten", "expand", "t",
-}
+def output_layer_names_of_graph(site_nodes: list[fx.Node]) -> set[str]:
+    """The layers `"all-linear"` leaves out when no model object is at hand: a linear layer that
+    feeds no other adaptable layer (an output layer) and whose weight is tied to, or shaped like,
+    an input embedding's (the LM head `get_output_embeddings()` returns). A classifier head is
+    not one: PEFT adapts it (unless `task_type="SEQ_CLS"`, see rules.py). With a model at hand,
+    `layers.output_layer_names` (PEFT's own rule) is used instead."""
+    if not site_nodes:
+        return set()
+    embeddings = [n for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING]
+    if not embeddings:
+        return set()
+    tied = {weight_node(n) for n in embeddings} - {None}
+    shapes = {(n.meta[SITE_KEY].layer.in_features, n.meta[SITE_KEY].layer.out_features) for n in embeddings}
+    feeds_a_site = _feeds_a_site(site_nodes)
+    out = set()
+    for node in site_nodes:
+        layer = node.meta[SITE_KEY].layer
+        if layer.kind not in LINEAR_KINDS or feeds_a_site[node]:
+            continue
+        if weight_node(node) in tied or (layer.out_features, layer.in_features) in shapes:
+            out.add(layer.name)
+    return out
+
+
+def _feeds_a_site(site_nodes: list[fx.Node]) -> dict[fx.Node, bool]:
+    """For every node of the graph: whether another site is computed from its value (one
+    reverse pass over the graph)."""
+    graph = site_nodes[0].graph
+    sites = set(site_nodes)
+    feeds: dict[fx.Node, bool] = {}
+    for node in reversed(graph.nodes):
+        feeds[node] = any(user in sites or feeds.get(user, False) for user in node.users)
+    return feeds
 
 
 def _target_name(node: fx.Node) -> str:
@@ -255,28 +506,6 @@ def _target_name(node: fx.Node) -> str:
     if isinstance(t, torch._ops.OpOverload):
         return t._opname
     return getattr(t, "__name__", str(t))
-
-
-def output_layer_names_of_graph(site_nodes: list[fx.Node]) -> set[str]:
-    """The layers `"all-linear"` leaves out when no model object is at hand: the linear layers
-    whose output is returned from the graph unchanged up to shape/dtype ops (the LM head of a
-    causal or masked LM). With a model at hand, `layers.output_layer_names` (PEFT's rule) is used."""
-    out = set()
-    for node in site_nodes:
-        site = node.meta[SITE_KEY]
-        if site.layer.kind not in LINEAR_KINDS:
-            continue
-        todo, seen = [node], set()
-        while todo:
-            cur = todo.pop()
-            for user in cur.users:
-                if user.op == "output":
-                    out.add(site.layer.name)
-                elif user not in seen and user.op in ("call_function", "call_method") \
-                        and _target_name(user) in _PASS_THROUGH:
-                    seen.add(user)
-                    todo.append(user)
-    return out
 
 
 def with_layer(site: TargetSite, layer: LayerInfo) -> TargetSite:

@@ -27,7 +27,7 @@ import torch.fx as fx
 from ..adapters import AdapterEntry, AdapterSet
 from ..errors import LoraFxError, UnsupportedFeatureError
 from ..marks import ADAPTER, INPUT, MERGED, OUTPUT, get_mark, has_mark, set_mark
-from .find_targets import SITE_KEY, weight_node
+from .find_targets import SITE_KEY, weight_node, weight_readers
 
 
 def check_mergeable(adapters: AdapterSet, layers: Iterable[str] | None = None) -> None:
@@ -93,7 +93,7 @@ def check_untied(sites: dict[str, list[fx.Node]]) -> None:
             w = weight_node(call)
             if w is None:
                 continue
-            others = [u for u in w.users if u not in calls]
+            others = [u for u in weight_readers(w) if u not in calls]
             if others:
                 readers = ", ".join(sorted(_reader_name(u) for u in others))
                 raise UnsupportedFeatureError(
