@@ -99,7 +99,10 @@ class LoraBackend:
         self._model: nn.Module | None = None
         self.graphs_compiled = 0
         self.merged = False
-        self._originals: dict[str, torch.Tensor] | None = None  # layer -> original weight data
+        # While merged: layer -> (original weight data, original bias data) in the exact mode, or
+        # layer -> (what subtraction needs besides the adapter, whether the bias was merged too).
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._undo: dict[str, tuple[Any, bool]] = {}
 
     @property
     def config(self) -> LoraConfig:
@@ -183,43 +186,57 @@ class LoraBackend:
         unmerge subtracts. The compiled model switches to a graph without adapters: compiled
         once per mode, ever, however often merge/unmerge alternate.
         """
-        from .passes.merge_adapters import check_mergeable, merged_weight
+        from .passes.merge_adapters import check_mergeable, merged_layer
 
         if self._model is None:
             raise LoraFxError("merge needs the model: attach it first with lora.parameters(model)")
         if self.merged:
             raise LoraFxError("the adapters are already merged")
         check_mergeable(self.adapters)
-        weights = _layer_weights(self._model, self.adapters.entries)
-        _check_untied(self._model, weights)
-        merged = {name: merged_weight(self.adapters.entries[name], w, safe_merge=safe_merge)
-                  for name, w in weights.items()}  # all computed (and checked) before any is installed
+        params = _layer_params(self._model, self.adapters.entries)
+        _check_untied(self._model, {name: w for name, (w, _) in params.items()})
+        merged = {name: merged_layer(self.adapters.entries[name], w, b, safe_merge=safe_merge)
+                  for name, (w, b) in params.items()}  # all computed (and checked) before any is installed
+        self._originals = {} if keep_original else None
+        self._undo = {}
         with torch.no_grad():
-            if keep_original:
-                self._originals = {}
-                for name, w in weights.items():
-                    self._originals[name] = w.data
-                    w.data = merged[name]
-            else:
-                self._originals = None
-                for name, w in weights.items():
-                    w.copy_(merged[name])
+            for name, (w, b) in params.items():
+                m = merged[name]
+                new_bias = b if m.bias is None else m.bias
+                if keep_original:
+                    self._originals[name] = (w.data, b.data if b is not None else None)
+                    w.data = m.weight
+                    if b is not None:
+                        b.data = new_bias
+                else:
+                    w.copy_(m.weight)
+                    if m.bias is not None:
+                        b.copy_(m.bias)
+                    self._undo[name] = (m.undo, m.bias is not None)
         self.merged = True
 
     def unmerge(self) -> None:
         """Back to adapter compute over the original weights (bit-exact after a default merge)."""
-        from .passes.merge_adapters import subtracted_weight
+        from .passes.merge_adapters import MergedLayer, subtracted_layer
 
         if not self.merged:
             raise LoraFxError("the adapters are not merged")
-        weights = _layer_weights(self._model, self.adapters.entries)
+        params = _layer_params(self._model, self.adapters.entries)
         with torch.no_grad():
-            for name, w in weights.items():
+            for name, (w, b) in params.items():
                 if self._originals is not None:
-                    w.data = self._originals[name]
-                else:
-                    w.copy_(subtracted_weight(self.adapters.entries[name], w))
+                    w.data, original_bias = self._originals[name]
+                    if b is not None:
+                        b.data = original_bias
+                    continue
+                undo, bias_changed = self._undo[name]
+                weight, bias = subtracted_layer(self.adapters.entries[name],
+                                                MergedLayer(w, b if bias_changed else None, undo))
+                w.copy_(weight)
+                if bias is not None:
+                    b.copy_(bias)
         self._originals = None
+        self._undo = {}
         self.merged = False
 
     def _refuse_if_merged(self, what: str) -> None:
@@ -347,9 +364,14 @@ def _layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
     return {name: model.get_submodule(name).weight for name in names}
 
 
+def _layer_params(model: nn.Module, names) -> dict[str, tuple[nn.Parameter, nn.Parameter | None]]:
+    """layer -> (its weight, its bias or None)."""
+    return {name: (model.get_submodule(name).weight, getattr(model.get_submodule(name), "bias", None))
+            for name in names}
+
+
 def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Refuse to merge into a weight that another module also uses (tied weights)."""
-    from .errors import UnsupportedFeatureError
 
     owners: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -27,8 +28,15 @@ from torch.export.graph_signature import ExportGraphSignature
 from .adapters import AdapterSet
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module
-from .passes.find_targets import SITE_KEY, weight_node
-from .passes.merge_adapters import check_mergeable, check_untied, merged_weight, strip_adapters, subtracted_weight
+from .passes.find_targets import SITE_KEY, bias_node, weight_node
+from .passes.merge_adapters import (
+    MergedLayer,
+    check_mergeable,
+    check_untied,
+    merged_layer,
+    strip_adapters,
+    subtracted_layer,
+)
 from .program import (
     ADAPTERS_ATTR,
     _adapters_of,
@@ -44,13 +52,14 @@ MERGED_ATTR = "lora_fx_merged"
 
 @dataclass
 class MergeRecord:
-    """What `unmerge` needs: the adapters, the weight each layer merged into, and (bit-exact
-    mode) the original weights."""
+    """What `unmerge` needs: the adapters, where each layer's weight (and bias) lives, and either
+    the original tensors (bit-exact mode) or what subtraction needs besides the adapter."""
 
     adapters: AdapterSet
     train: bool
-    weights: dict[str, str] = field(default_factory=dict)  # layer -> weight name / module path
-    originals: dict[str, torch.Tensor | nn.Module] | None = None  # weight name -> original
+    names: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # layer -> (weight, bias or None)
+    originals: dict[str, Any] | None = None  # name -> original tensor (or module, call_module sites)
+    undo: dict[str, tuple[Any, bool]] = field(default_factory=dict)  # layer -> (undo, bias merged too)
 
 
 def merge(obj, *, safe_merge: bool = False, keep_original: bool = True):
@@ -128,36 +137,48 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
     check_mergeable(adapters, sites)
     check_untied(sites)
     record = MergeRecord(adapters, bool(getattr(ep, "lora_fx_train", False)), originals={} if keep_original else None)
-    merged = {}
+    state_names = {**sig.inputs_to_buffers, **sig.inputs_to_parameters}
+    new_values = {}
     for layer, calls in sites.items():
-        key = calls[0].meta[SITE_KEY].weight
-        original = ep.state_dict[key]
-        merged[key] = nn.Parameter(merged_weight(adapters.entries[layer], original, safe_merge=safe_merge),
-                                   requires_grad=False)
-        record.weights[layer] = key
-        if record.originals is not None:
-            record.originals[key] = original
+        weight_key = calls[0].meta[SITE_KEY].weight
+        bias = bias_node(calls[0])
+        bias_key = state_names.get(bias.name) if bias is not None else None
+        m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
+                         ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
+        changed = {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}
+        for key, value in changed.items():
+            new_values[key] = nn.Parameter(value, requires_grad=False)
+            if record.originals is not None:
+                record.originals[key] = ep.state_dict[key]
+        record.names[layer] = (weight_key, bias_key if m.bias is not None else None)
+        record.undo[layer] = (m.undo, m.bias is not None)
     erased_specs = [s for s in sig.input_specs if getattr(s.arg, "name", None) in erased]
     input_specs = [s for s in sig.input_specs if s not in erased_specs]
     new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_repointed_outputs(gm.graph, sig))
     dropped = {s.target for s in erased_specs}
     state_dict = {k: v for k, v in ep.state_dict.items() if k not in dropped}
-    state_dict.update(merged)
+    state_dict.update(new_values)
     new_ep = _new_program(ep, gm, new_sig, state_dict)
     setattr(new_ep, MERGED_ATTR, record)
     return new_ep
 
 
 def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgram:
-    weights = {}
-    for layer, key in record.weights.items():
+    restored = {}
+    for layer, (weight_key, bias_key) in record.names.items():
         if record.originals is not None:
-            weights[key] = record.originals[key]
-        else:
-            weights[key] = nn.Parameter(subtracted_weight(record.adapters.entries[layer], ep.state_dict[key]),
-                                        requires_grad=False)
+            restored[weight_key] = record.originals[weight_key]
+            if bias_key is not None:
+                restored[bias_key] = record.originals[bias_key]
+            continue
+        undo, bias_changed = record.undo[layer]
+        weight, bias = subtracted_layer(record.adapters.entries[layer], MergedLayer(
+            ep.state_dict[weight_key], ep.state_dict[bias_key] if bias_changed else None, undo))
+        restored[weight_key] = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            restored[bias_key] = nn.Parameter(bias, requires_grad=False)
     return _transform_program(ep, record.adapters.cfg, None, record.train, None, adapters=record.adapters,
-                              weights=weights)
+                              weights=restored)
 
 
 # -- GraphModule -------------------------------------------------------------------------------
@@ -174,16 +195,22 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
                          originals={} if keep_original else None)
     installs = []
     for layer, calls in sites.items():
-        entry, path = adapters.entries[layer], _path_of(calls[0])
-        original = attr_at(gm, path)  # the layer's module (call_module sites) or its weight
+        entry, (weight_path, bias_path) = adapters.entries[layer], _paths_of(calls[0])
+        original = attr_at(gm, weight_path)  # the layer's module (call_module sites) or its weight
         if isinstance(original, nn.Module):
-            new = _with_weight(original, merged_weight(entry, original.weight, safe_merge=safe_merge))
+            m = merged_layer(entry, original.weight, original.bias, safe_merge=safe_merge)
+            installs.append((weight_path, original, _with_params(original, m.weight, m.bias)))
         else:
-            new = nn.Parameter(merged_weight(entry, original, safe_merge=safe_merge), requires_grad=False)
-        installs.append((layer, path, original, new))
-    for layer, path, original, new in installs:  # only after every merged weight was computed (and checked)
+            bias = attr_at(gm, bias_path) if bias_path is not None else None
+            m = merged_layer(entry, original, bias, safe_merge=safe_merge)
+            installs.append((weight_path, original, nn.Parameter(m.weight, requires_grad=False)))
+            if m.bias is not None:
+                installs.append((bias_path, bias, nn.Parameter(m.bias, requires_grad=False)))
+        record.names[layer] = (weight_path, bias_path if m.bias is not None and not isinstance(original, nn.Module)
+                               else None)
+        record.undo[layer] = (m.undo, m.bias is not None)
+    for path, original, new in installs:  # only after every merged weight was computed (and checked)
         _install(gm, gm_in, path, new)
-        record.weights[layer] = path
         if record.originals is not None:
             record.originals[path] = original
     setattr(gm, MERGED_ATTR, record)
@@ -192,27 +219,45 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
 
 def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.GraphModule:
     gm = copy_graph_module(gm_in)
-    for layer, path in record.weights.items():
+    for layer, (weight_path, bias_path) in record.names.items():
         if record.originals is not None:
-            restored = record.originals[path]
-        else:
-            current = attr_at(gm, path)
-            weight = current.weight if isinstance(current, nn.Module) else current
-            plain = nn.Parameter(subtracted_weight(record.adapters.entries[layer], weight), requires_grad=False)
-            restored = _with_weight(current, plain.data) if isinstance(current, nn.Module) else plain
-        _install(gm, gm_in, path, restored)
+            _install(gm, gm_in, weight_path, record.originals[weight_path])
+            if bias_path is not None:
+                _install(gm, gm_in, bias_path, record.originals[bias_path])
+            continue
+        undo, bias_changed = record.undo[layer]
+        entry = record.adapters.entries[layer]
+        current = attr_at(gm, weight_path)
+        if isinstance(current, nn.Module):
+            weight, bias = subtracted_layer(entry, MergedLayer(current.weight, current.bias if bias_changed else None,
+                                                               undo))
+            _install(gm, gm_in, weight_path, _with_params(current, weight, bias))
+            continue
+        bias_now = attr_at(gm, bias_path) if bias_changed else None
+        weight, bias = subtracted_layer(entry, MergedLayer(current, bias_now, undo))
+        _install(gm, gm_in, weight_path, nn.Parameter(weight, requires_grad=False))
+        if bias is not None:
+            _install(gm, gm_in, bias_path, nn.Parameter(bias, requires_grad=False))
     return _transform_graph_module(gm, record.adapters.cfg, None, record.train, None, adapters=record.adapters)
 
 
-def _path_of(call: fx.Node) -> str:
-    return call.target if call.op == "call_module" else weight_node(call).target
+def _paths_of(call: fx.Node) -> tuple[str, str | None]:
+    """(weight path, bias path or None) of a GraphModule site: the module itself for a
+    call_module site (its parameters are replaced together), else the get_attr targets."""
+    if call.op == "call_module":
+        return call.target, None
+    bias = bias_node(call)
+    return weight_node(call).target, (bias.target if bias is not None and bias.op == "get_attr" else None)
 
 
-def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """A shallow copy of `module` whose `weight` is a new frozen parameter (the original is untouched)."""
+def _with_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A shallow copy of `module` with a new frozen `weight` (and `bias`, if given); the original
+    is untouched."""
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
     new._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        new._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
     return new
 
 

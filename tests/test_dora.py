@@ -216,5 +216,32 @@ def test_dora_merge_and_exact_unmerge(name, tmp_path):
     assert_close(got, ref, f"{name} merged DoRA")
     again = lora_fx.unmerge(merged)
     assert all(torch.equal(again.state_dict[k], v) for k, v in ep.state_dict.items())
-    with pytest.raises(lora_fx.UnsupportedFeatureError, match="keep_original=True"):
-        lora_fx.unmerge(lora_fx.merge(ep, keep_original=False))
+    # subtract mode: the norm factor of the merge is kept (as PEFT does), W = W'/g - s·B·A
+    approx = lora_fx.unmerge(lora_fx.merge(ep, keep_original=False))
+    for key, value in ep.state_dict.items():
+        torch.testing.assert_close(approx.state_dict[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    with torch.no_grad():
+        assert_close(extract(approx.module()(x)), ref, f"{name} DoRA after subtract-mode unmerge", rel=1e-4)
+
+
+@pytest.mark.parametrize("route", ["backend", "graph_module"])
+def test_dora_subtract_mode_merge_unmerges(route, tmp_path):
+    base, path, x, ref, _, _ = _peft_dora("llama_linear", tmp_path)
+    before = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    if route == "backend":
+        lora = lora_fx.backend(path, inner="aot_eager")
+        lora.parameters(base)
+        fast = torch.compile(base, backend=lora, fullgraph=True)
+        lora_fx.merge(lora, keep_original=False)
+        with torch.no_grad():
+            assert_close(fast(x).logits, ref, "merged in place")
+        lora_fx.unmerge(lora)
+        for key, value in base.state_dict().items():
+            torch.testing.assert_close(value, before[key], rtol=1e-5, atol=1e-6, msg=key)
+        with torch.no_grad():
+            assert_close(fast(x).logits, ref, "unmerged", rel=1e-4)
+    else:
+        gm = lora_fx.transform(torch.export.export(base, (x,)).module(), path)
+        again = lora_fx.unmerge(lora_fx.merge(gm, keep_original=False))
+        with torch.no_grad():
+            assert_close(again(x).logits, ref, "graph module after subtract-mode unmerge", rel=1e-4)

@@ -241,11 +241,82 @@ def test_tied_weight_cannot_merge_and_names_the_other_layer():
     assert not lora.merged
 
 
-def test_lora_bias_cannot_merge_yet():
-    ep = torch.export.export(Embed().eval(), (torch.randint(0, 32, (3, 5)),))
-    ep_lora = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["out"], lora_bias=True))
-    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"'out'.*lora_bias"):
-        lora_fx.merge(ep_lora)
+class BiasNet(nn.Module):
+    """Linear and Conv1d with biases (lora_bias folds into them), and a Linear without one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+        self.nobias = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.nobias(torch.relu(self.fc(torch.relu(self.conv(x)).mean(-1))))
+
+
+@pytest.mark.parametrize("route", ["program", "graph_module", "backend"])
+@pytest.mark.parametrize("keep_original", [True, False], ids=["exact", "subtract"])
+def test_lora_bias_merges_into_the_base_bias_as_peft_does(tmp_path, route, keep_original):
+    from conftest import assert_close, peft_adapter
+
+    torch.manual_seed(0)
+    base = BiasNet().eval()
+    peft_model, path = peft_adapter(base, tmp_path, r=2, lora_alpha=6, target_modules=["conv", "fc"], lora_bias=True)
+    x = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = peft_model(x)
+        peft_merged = peft_model.merge_and_unload()
+    if route == "backend":
+        lora = lora_fx.backend(path, inner="aot_eager")
+        lora.parameters(base)
+        before = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        fast = torch.compile(base, backend=lora, fullgraph=True)
+        lora.merge(keep_original=keep_original)
+        for name in ("conv.bias", "fc.bias"):
+            torch.testing.assert_close(base.state_dict()[name], peft_merged.state_dict()[name], rtol=0, atol=1e-7)
+        with torch.no_grad():
+            assert_close(fast(x), ref, "backend merged")
+        lora.unmerge()
+        after = base.state_dict()
+    else:
+        ep = torch.export.export(base, (x,))
+        prog = lora_fx.transform(ep if route == "program" else ep.module(), path)
+        merged = lora_fx.merge(prog, keep_original=keep_original)
+        run = merged.module() if route == "program" else merged
+        if route == "program":
+            assert _ops(merged) == _ops(ep)
+            for name in ("conv.bias", "fc.bias"):
+                torch.testing.assert_close(merged.state_dict[name], peft_merged.state_dict()[name], rtol=0, atol=1e-7)
+        with torch.no_grad():
+            assert_close(run(x), ref, f"{route} merged")
+        again = lora_fx.unmerge(merged)
+        before = ep.state_dict
+        after = again.state_dict if route == "program" else {k: again.get_parameter(k) for k in before}
+    for key, value in before.items():
+        if keep_original:
+            assert torch.equal(after[key], value), f"{key} not restored bit-exactly"
+        else:
+            torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("route", ["program", "backend"])
+def test_lora_bias_on_a_layer_without_bias_refuses_to_merge_and_changes_nothing(route):
+    torch.manual_seed(0)
+    base = BiasNet().eval()
+    x = torch.randn(2, 4, 7)
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["fc", "nobias"], lora_bias=True, init_lora_weights=False)
+    before = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    match = r"'nobias'.*lora_bias=True and the base layer has no bias"
+    if route == "backend":
+        lora = lora_fx.backend(cfg, inner="aot_eager")
+        lora.parameters(base)
+        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
+            lora.merge()
+        assert not lora.merged
+    else:
+        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
+            lora_fx.merge(lora_fx.transform(torch.export.export(base, (x,)), cfg))
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
 def test_safe_merge_names_the_layer_and_changes_nothing():

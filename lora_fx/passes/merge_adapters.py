@@ -7,9 +7,10 @@ Each base call left behind gets the `MERGED` mark, so a merged program is recogn
 (`transform` refuses it rather than adding the adapter a second time).
 For every adapted call, users of the adapter's output are pointed back at the base call, then
 the adapter's nodes and the inputs only they read are erased. What remains is node for node the
-graph the adapters were injected into; the caller installs the merged weights (from
-`merged_weights`) under the base weights' own names, so the merged graph reads `W'` where the
-base graph read `W`. Unmerging is `inject_adapters` again, with the original weights back.
+graph the adapters were injected into; the caller installs the merged weights (and biases, for
+adapters with a bias of their own: `merged_layer`) under the base names, so the merged graph
+reads `W'` where the base graph read `W`. Unmerging is `inject_adapters` again, with the
+original weights back.
 
 Invariants: the base calls and their inputs are never modified; a layer whose variant cannot
 merge, or whose weight is also read by a call of another layer (a tied weight: folding the
@@ -20,6 +21,8 @@ is changed.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -106,20 +109,42 @@ def _reader_name(node: fx.Node) -> str:
     return repr(site.layer.name) if site is not None else f"node {node.name}"
 
 
-def merged_weight(entry: AdapterEntry, weight: torch.Tensor, *, safe_merge: bool = False) -> torch.Tensor:
-    """`W'` for one layer: computed in fp32, cast to the weight's dtype; NaN/inf refused if `safe_merge`."""
-    with torch.no_grad():
-        tensors = {k: t.detach() for k, t in entry.tensors.items()}
-        merged = entry.variant.merged_weight(weight.detach(), tensors, float(entry.scaling), entry.resolved.layer)
-    if safe_merge and not bool(torch.isfinite(merged).all()):
-        bad = int((~torch.isfinite(merged)).sum())
-        raise LoraFxError(f"safe_merge: the merged weight of {entry.name!r} has {bad} NaN/inf values "
-                          f"(shape {tuple(merged.shape)}, {merged.dtype}); nothing was merged")
-    return merged
+@dataclass
+class MergedLayer:
+    """One layer's merge: the merged weight, the merged bias (None: the base bias is unchanged),
+    and what a subtract-mode unmerge needs besides the adapter (`Variant.merged_weight`'s undo)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    undo: Any
 
 
-def subtracted_weight(entry: AdapterEntry, merged: torch.Tensor) -> torch.Tensor:
-    """The original weight recovered by arithmetic (subtract mode; rounding makes it inexact)."""
+def merged_layer(entry: AdapterEntry, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                 safe_merge: bool = False) -> MergedLayer:
+    """`W'` (and `b'`) for one layer: fp32 math, cast to the base dtypes; NaN/inf refused if `safe_merge`."""
+    scaling = float(entry.scaling)
+    layer = entry.resolved.layer
     with torch.no_grad():
         tensors = {k: t.detach() for k, t in entry.tensors.items()}
-        return entry.variant.unmerged_weight(merged.detach(), tensors, float(entry.scaling), entry.resolved.layer)
+        merged, undo = entry.variant.merged_weight(weight.detach(), tensors, scaling, layer)
+        new_bias = entry.variant.merged_bias(None if bias is None else bias.detach(), tensors, scaling, layer)
+    if safe_merge:
+        for what, value in (("weight", merged), ("bias", new_bias)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise LoraFxError(f"safe_merge: the merged {what} of {entry.name!r} has {bad} NaN/inf values "
+                                  f"(shape {tuple(value.shape)}, {value.dtype}); nothing was merged")
+    return MergedLayer(merged, new_bias, undo)
+
+
+def subtracted_layer(entry: AdapterEntry, merged: MergedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The original weight (and bias, if the merge changed it) recovered by arithmetic (subtract
+    mode: rounding makes it inexact). `merged` holds the current merged values and the undo."""
+    scaling = float(entry.scaling)
+    layer = entry.resolved.layer
+    with torch.no_grad():
+        tensors = {k: t.detach() for k, t in entry.tensors.items()}
+        weight = entry.variant.unmerged_weight(merged.weight.detach(), tensors, scaling, layer, merged.undo)
+        bias = None if merged.bias is None else entry.variant.unmerged_bias(merged.bias.detach(), tensors, scaling,
+                                                                             layer)
+    return weight, bias

@@ -13,12 +13,14 @@ Designed for the variants to come:
 - Raw-parameter targets: `SiteCall.kind == "parameter"` with `site.weight` the parameter node.
 Merging: `merge_blocker` says why a layer cannot merge (None when it can; aLoRA, QALoRA and
 grouped convs say why), `merged_weight` / `unmerged_weight` fold the adapter into the base
-weight and back by arithmetic (the bit-exact unmerge keeps the original instead).
+weight and back by arithmetic (the bit-exact unmerge keeps the original instead), and
+`merged_bias` / `unmerged_bias` do the same for an adapter with a bias of its own (lora_bias).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -100,17 +102,29 @@ class Variant:
         return f"the {self.name!r} variant has no merge rule"
 
     def merged_weight(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
-                      layer: LayerInfo) -> torch.Tensor:
-        """`W'` (weight's dtype and layout) such that the base layer with `W'` computes the adapted
-        layer. Computed in fp32. Default: `W + delta_weight`."""
+                      layer: LayerInfo) -> tuple[torch.Tensor, Any]:
+        """`(W', undo)`: `W'` (weight's dtype and layout) such that the base layer with `W'` computes
+        the adapted layer, computed in fp32; `undo` is what `unmerged_weight` needs besides the
+        adapter (None for LoRA; a per-channel vector for DoRA). Default: `W + delta_weight`."""
         delta = self.delta_weight(weight, tensors, scaling, layer)
-        return (weight.float() + delta).to(weight.dtype)
+        return (weight.float() + delta).to(weight.dtype), None
 
     def unmerged_weight(self, merged: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
-                        layer: LayerInfo) -> torch.Tensor:
+                        layer: LayerInfo, undo: Any) -> torch.Tensor:
         """The inverse of `merged_weight` by arithmetic (the subtract mode: not bit-exact)."""
         delta = self.delta_weight(merged, tensors, scaling, layer)
         return (merged.float() - delta).to(merged.dtype)
+
+    def merged_bias(self, bias: torch.Tensor | None, tensors: dict[str, torch.Tensor], scaling: float,
+                    layer: LayerInfo) -> torch.Tensor | None:
+        """The base bias with the adapter's bias folded in (fp32 math, bias dtype), or None when the
+        adapter has no bias of its own (the base bias stays as it is)."""
+        return None
+
+    def unmerged_bias(self, merged: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
+                      layer: LayerInfo) -> torch.Tensor:
+        """The inverse of `merged_bias` by arithmetic."""
+        raise NotImplementedError
 
     def delta_weight(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float,
                      layer: LayerInfo) -> torch.Tensor:

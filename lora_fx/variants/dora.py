@@ -169,21 +169,30 @@ class DoraVariant(LoraVariant):
         return b.call(aten.clamp_min.default, norm, eps)
 
     # -- merging ---------------------------------------------------------------------------------
-    def merged_weight(self, weight, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
-        """`W' = g ⊙ (W + s·B·A)` per output channel, g from the current W (fp32, cast back)."""
+    def merge_blocker(self, res: Resolved, cfg: LoraConfig) -> str | None:
+        if cfg.lora_bias:
+            return "DoRA with lora_bias=True has no merge rule (the bias would be scaled by the magnitude)"
+        return super().merge_blocker(res, cfg)
+
+    def merged_weight(self, weight, tensors, scaling: float, layer: LayerInfo):
+        """`W' = g ⊙ (W + s·B·A)` per output channel, g from the current W (fp32, cast back); `g` is
+        kept for the subtract-mode unmerge (as PEFT caches the weight norm)."""
         full = weight.float() + self.delta_weight(weight, tensors, scaling, layer)
         rows = _weight_rows(full, layer)
         g = tensors[MAGNITUDE].float().reshape(-1) / rows.norm(dim=1).clamp_min(norm_eps(weight.dtype))
-        if layer.kind in (HF_CONV1D, EMBEDDING):   # output channels are columns of the stored weight
-            merged = full * g.view(1, -1)
-        else:
-            merged = full * g.view(-1, *([1] * (full.dim() - 1)))
-        return merged.to(weight.dtype)
+        return (full * _channel_view(g, full, layer)).to(weight.dtype), g
 
-    def unmerged_weight(self, merged, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
-        raise UnsupportedFeatureError(
-            f"{layer.name}: a DoRA merge cannot be undone by subtraction (the merged weight no longer tells "
-            "the original norm); merge with keep_original=True (the default) to unmerge")
+    def unmerged_weight(self, merged, tensors, scaling: float, layer: LayerInfo, undo) -> torch.Tensor:
+        """`W = W' / g − s·B·A` with the `g` of the merge (not bit-exact: W' was rounded)."""
+        full = merged.float() / _channel_view(undo, merged, layer)
+        return (full - self.delta_weight(merged, tensors, scaling, layer)).to(merged.dtype)
+
+
+def _channel_view(g: torch.Tensor, weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """A per-output-channel vector shaped to broadcast over the stored weight."""
+    if layer.kind in (HF_CONV1D, EMBEDDING):   # output channels are columns of the stored weight
+        return g.view(1, -1)
+    return g.view(-1, *([1] * (weight.dim() - 1)))
 
 
 def _factors(tensors, layer: LayerInfo):

@@ -145,9 +145,19 @@ class LoraVariant(Variant):
             # lora_A is a dense conv over all input channels; a grouped base conv cannot hold the
             # cross-group terms of B·A, so no weight of the base's shape computes the sum.
             return f"the base conv has groups={layer.groups} and B·A connects every input channel group"
-        if cfg.lora_bias:
-            return "lora_bias=True (the adapter's bias) is not folded into base biases yet"
+        if cfg.lora_bias and not layer.has_bias:
+            return ("lora_bias=True and the base layer has no bias to fold the adapter's bias into (PEFT cannot "
+                    "merge this either)")
         return None
+
+    def merged_bias(self, bias, tensors, scaling: float, layer: LayerInfo):
+        lora_bias = tensors.get("lora_B.bias")
+        if lora_bias is None:
+            return None
+        return (bias.float() + scaling * lora_bias.float()).to(bias.dtype)
+
+    def unmerged_bias(self, merged, tensors, scaling: float, layer: LayerInfo):
+        return (merged.float() - scaling * tensors["lora_B.bias"].float()).to(merged.dtype)
 
     def delta_weight(self, weight, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
         if layer.kind == EMBEDDING:
