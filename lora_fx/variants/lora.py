@@ -6,7 +6,8 @@ Tensors and initialisation follow PEFT exactly, including its key names:
   `lora_B.weight` (out, r / groups, 1, ...) grouped like the base.
 - Embedding: `lora_embedding_A` (r, num_embeddings), `lora_embedding_B` (dim, r); no dropout.
 The adapter runs in the adapters' dtype (fp32 for a half-precision base, as PEFT's
-`autocast_adapter_dtype`) and its result is cast back to the base output's dtype.
+`autocast_adapter_dtype`); its result is added to the base output in the wider dtype and the sum
+is rounded to the base output's dtype once, as PEFT does (bit-equal to PEFT on a bf16 base).
 """
 
 from __future__ import annotations
@@ -113,10 +114,15 @@ class LoraVariant(Variant):
         if (layer.kind in (LINEAR, HF_CONV1D) and scale_early and not site.needs_grad
                 and adapter_dtype == out_dtype and b.shape_of(site.base_out) is not None):
             return _accumulate_into_base(b, site, x, params["lora_A.weight"], params["lora_B.weight"], scale)
+        if adapter_dtype != out_dtype:
+            # Mixed precision (fp32 adapters on a half base), PEFT's arithmetic exactly: the product
+            # scaled after B, added to the base output in the wider dtype, rounded once.
+            delta = b.call(aten.mul.Tensor, self.adapter_product(b, layer, x, params), scale)
+            out = b.call(aten.add.Tensor, site.base_out, delta)
+            return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
         delta = self.adapter_product(b, layer, x, params, scale if scale_early else None)
         if not scale_early:
             delta = b.call(aten.mul.Tensor, delta, scale)
-        delta = b.cast(delta, out_dtype, adapter_dtype)
         return b.call(aten.add.Tensor, site.base_out, delta)
 
     def adapter_product(self, b, layer: LayerInfo, x, params, h_scale=None):
