@@ -12,7 +12,7 @@ together (all checked before anything is written); `set_scale` changes only the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ class AdapterEntry:
     variant: variants.Variant
     tensors: dict[str, nn.Parameter]
     scaling: torch.Tensor  # 0-d fp32; a graph input like the weights
+    # Values loaded while the tensors were on the meta device: copied in when they get real
+    # storage (`AdapterSet.follow`).
+    deferred: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -87,19 +90,56 @@ class AdapterSet:
             tensors = {key: nn.Parameter(torch.empty(spec.shape, dtype=dt, device=dev),
                                          requires_grad=spec.trainable)
                        for key, spec in variant.tensors(res, self.cfg).items()}
-            if str(dev) != "meta":
-                variant.init(tensors, res, self.cfg, generator)
-                if variant.needs_base_weight:
-                    weight = (weights or {}).get(name)
-                    if weight is None:
-                        raise LoraFxError(f"internal: {name}: the {variant.name} variant needs the base weight "
-                                          "to initialise its adapter")  # pragma: no cover
-                    with torch.no_grad():
-                        variant.init_from_base(tensors, weight.detach(), res, self.cfg)
             scaling = torch.tensor(res.scaling * self.scale_factor, dtype=torch.float32, device=dev)
-            self.entries[name] = AdapterEntry(res, variant, tensors, scaling)
+            entry = AdapterEntry(res, variant, tensors, scaling)
+            if str(dev) != "meta":  # meta adapters are initialised when they get storage (`follow`)
+                self._initialise(entry, (weights or {}).get(name), generator)
+            self.entries[name] = entry
             added.append(name)
         return added
+
+    def _initialise(self, entry: AdapterEntry, weight: torch.Tensor | None, generator=None) -> None:
+        entry.variant.init(entry.tensors, entry.resolved, self.cfg, generator)
+        if entry.variant.needs_base_weight:
+            if weight is None:
+                raise LoraFxError(f"internal: {entry.name}: the {entry.variant.name} variant needs the base weight "
+                                  "to initialise its adapter")  # pragma: no cover
+            with torch.no_grad():
+                entry.variant.init_from_base(entry.tensors, weight.detach(), entry.resolved, self.cfg)
+
+    def follow(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put each layer's adapter on the device of its base weight (`weights`: layer -> weight).
+
+        Adapters made while the model was on the meta device get storage here and are initialised
+        from the real weights, then receive any values loaded meanwhile; adapters of a model moved
+        with `.to(device)` move with it. The `nn.Parameter` objects stay the same (their `.data` is
+        swapped), so an optimizer holding them keeps working.
+
+        Raises:
+            LoraFxError: a base weight is (still) on the meta device while its adapter is real.
+        """
+        for name, entry in self.entries.items():
+            weight = weights.get(name)
+            if weight is None or entry.scaling.device == weight.device:
+                continue
+            dev = weight.device
+            if dev.type == "meta":
+                raise LoraFxError(f"layer {name!r}: the base weight is on the meta device; give the model real weights "
+                                  "(to_empty + load_state_dict, or from_pretrained) before running or saving it")
+            with torch.no_grad():
+                if entry.scaling.device.type == "meta":
+                    for t in entry.tensors.values():
+                        _replace_storage(t, torch.empty(t.shape, dtype=t.dtype, device=dev))
+                    _replace_storage(entry.scaling, torch.tensor(entry.resolved.scaling * self.scale_factor,
+                                                                 dtype=torch.float32, device=dev))
+                    self._initialise(entry, weight)
+                    for key, value in entry.deferred.items():
+                        entry.tensors[key].copy_(value)
+                    entry.deferred = {}
+                else:
+                    for t in entry.tensors.values():
+                        _replace_storage(t, t.detach().to(dev))
+                    _replace_storage(entry.scaling, entry.scaling.to(dev))
 
     # -- views -------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -119,9 +159,19 @@ class AdapterSet:
         return [t for _, t in self.named_parameters()]
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under the keys `PeftModel.save_pretrained` writes."""
-        return {f"{PEFT_PREFIX}{name}.{key}": t.detach()
-                for name, entry in self.entries.items() for key, t in entry.tensors.items()}
+        """Tensors under the keys `PeftModel.save_pretrained` writes.
+
+        Raises:
+            LoraFxError: an adapter has no values yet (made on the meta device, never materialised).
+        """
+        out = {}
+        for name, entry in self.entries.items():
+            for key, t in entry.tensors.items():
+                if t.device.type == "meta":
+                    raise LoraFxError(f"layer {name!r}: its adapter is on the meta device and has no values yet "
+                                      "(the model had no real weights when it was attached); nothing to save")
+                out[f"{PEFT_PREFIX}{name}.{key}"] = t.detach()
+        return out
 
     def load(self, cfg: LoraConfig, state: dict[str, torch.Tensor], *, source: str = "adapter",
              baked_dropout: float | None = None) -> None:
@@ -187,8 +237,8 @@ class AdapterSet:
         Raises:
             AdapterFileError: naming the missing / unexpected / mis-shaped / non-float / non-finite key.
         """
-        own = {f"{PEFT_PREFIX}{name}.{key}": t
-               for name, entry in self.entries.items() for key, t in entry.tensors.items()}
+        own = {f"{PEFT_PREFIX}{name}.{key}": (entry, key)
+               for name, entry in self.entries.items() for key in entry.tensors}
         missing = [k for k in own if k not in state]
         if missing:
             raise AdapterFileError(f"{source}: missing adapter key {missing[0]!r}"
@@ -200,16 +250,29 @@ class AdapterSet:
                 f"{source}: unexpected key {first!r}"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                 + "; the config's target rules select no such layer in this model")
-        for key, t in own.items():
-            check_adapter_value(key, state[key], tuple(t.shape), source)
+        for full, (entry, key) in own.items():
+            check_adapter_value(full, state[full], tuple(entry.tensors[key].shape), source)
         with torch.no_grad():
-            for key, t in own.items():
-                if t.device.type != "meta":
-                    t.copy_(state[key])
+            for full, (entry, key) in own.items():
+                if entry.tensors[key].device.type == "meta":
+                    entry.deferred[key] = state[full]  # copied in when the adapter gets storage
+                else:
+                    entry.tensors[key].copy_(state[full])
         return extra
 
     def resolved_target_names(self) -> list[str]:
         return list(self.entries)
+
+
+def _replace_storage(t: torch.Tensor, new: torch.Tensor) -> None:
+    """Give `t` the values (and device) of `new`, keeping the Python object: optimizers and compiled
+    graphs' feeds refer to it. `.data` cannot cross from meta to a real device; swapping can."""
+    if "meta" not in (t.device.type, new.device.type):
+        t.data = new
+    else:
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        torch.utils.swap_tensors(t, new)
 
 
 def check_adapter_value(key: str, value: torch.Tensor, shape: tuple[int, ...], source: str) -> None:

@@ -10,6 +10,7 @@ gradients flow to them through AOTAutograd like to any input.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,6 +36,10 @@ from .passes.inject_adapters import inject_adapters, sanitize
 from .rules import resolve
 
 Spec = LoraConfig | str | os.PathLike
+
+# model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
+# backend that is gone no longer blocks its model.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def read_spec(spec: Spec) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
@@ -97,6 +102,7 @@ class LoraBackend:
         self.adapter_dtype = adapter_dtype
         self._inner = _inner_backend(inner)
         self._model: nn.Module | None = None
+        self._requires_grad_before: dict[str, bool] = {}
         self.graphs_compiled = 0
         self.merged = False
         # While merged: layer -> (original weight data, original bias data) in the exact mode, or
@@ -117,15 +123,34 @@ class LoraBackend:
             return self
         if self._model is not None:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
+        holder = _ATTACHED.get(model)
+        if holder is not None and holder() is not None:
+            raise LoraFxError(
+                "this model is already attached to another lora_fx backend; two backends on one model would fight "
+                "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
+                "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
         resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
         self.adapters.add(resolved, dtype=self.adapter_dtype, weights=_layer_weights(model, resolved))
         if self._pending is not None:
             self.adapters.load_peft_state_dict(self._pending, source="adapter directory")
             self._pending = None
+        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         for name, p in model.named_parameters():
             p.requires_grad_(self._base_trainable(name, resolved))
         self._model = model
+        _ATTACHED[model] = weakref.ref(self)
         return self
+
+    def detach(self) -> None:
+        """Release the attached model: its parameters get back the `requires_grad` flags they had
+        before `attach`, and another backend may attach to it. Refused while merged."""
+        if self._model is None:
+            return
+        self._refuse_if_merged("detach")
+        for name, p in self._model.named_parameters():
+            p.requires_grad_(self._requires_grad_before.get(name, p.requires_grad))
+        _ATTACHED.pop(self._model, None)
+        self._model = None
 
     def _base_trainable(self, param_name: str, resolved) -> bool:
         bias = self.config.bias
@@ -157,6 +182,7 @@ class LoraBackend:
         from .program import check_savable
 
         check_savable(self.config)
+        self._follow_model()
         write_adapter_dir(path, config_to_save(self.config, self.adapters), self.adapters.peft_state_dict())
 
     def load_adapter(self, path: str | os.PathLike) -> None:
@@ -166,6 +192,7 @@ class LoraBackend:
         `save_adapter` writes it, and the scale factor goes back to 1. A different
         `lora_dropout` takes effect too (training graphs are rebuilt for it)."""
         self._refuse_if_merged("load_adapter")
+        self._follow_model()
         cfg, tensors = read_adapter_dir(path)
         self.adapters.load(cfg, tensors, source=os.fspath(path))
 
@@ -193,6 +220,7 @@ class LoraBackend:
         if self.merged:
             raise LoraFxError("the adapters are already merged")
         check_mergeable(self.adapters)
+        self._follow_model()
         params = _layer_params(self._model, self.adapters.entries)
         _check_untied(self._model, {name: w for name, (w, _) in params.items()})
         merged = {name: merged_layer(self.adapters.entries[name], w, b, safe_merge=safe_merge)
@@ -239,6 +267,11 @@ class LoraBackend:
         self._undo = {}
         self.merged = False
 
+    def _follow_model(self) -> None:
+        """Adapters on their base weights' devices (materialised if made on the meta device)."""
+        if self._model is not None:
+            self.adapters.follow(_layer_weights(self._model, self.adapters.entries))
+
     def _refuse_if_merged(self, what: str) -> None:
         if self.merged:
             raise LoraFxError(f"{what} while the adapters are merged would leave stale merged weights; "
@@ -250,6 +283,7 @@ class LoraBackend:
         # second train/eval build may happen long after this call.
         gm = copy_graph_module(gm)
         site_nodes = find_targets(gm)
+        self._follow_model()
         if self._model is None:
             self._adopt_sites(site_nodes, gm, example_inputs)
         self._check_sites(gm, site_nodes)

@@ -204,3 +204,27 @@ def test_bad_regex_in_adapter_file_names_the_file(tmp_path):
                                                               "rank_pattern": {"q[": 2}}))
     with pytest.raises(lora_fx.ConfigError, match=r"adapter_config.json: LoraConfig.rank_pattern\['q\['\]"):
         lora_fx.LoraConfig.from_pretrained(tmp_path)
+
+
+def test_a_second_backend_on_the_same_model_is_refused_until_the_first_detaches():
+    import gc
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)  # the user's own flags come back on detach
+    first = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"]), inner="aot_eager")
+    first.parameters(model)
+    second = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["1"]), inner="aot_eager")
+    with pytest.raises(lora_fx.LoraFxError, match="already attached to another lora_fx backend.*detach"):
+        second.parameters(model)
+    first.merge()
+    with pytest.raises(lora_fx.LoraFxError, match="detach while the adapters are merged"):
+        first.detach()
+    first.unmerge()
+    first.detach()
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, True]
+    second.parameters(model)  # now free
+    assert not model[0].weight.requires_grad
+    del second
+    gc.collect()
+    third = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"]), inner="aot_eager")
+    third.parameters(model)  # a backend that is gone does not block the model
