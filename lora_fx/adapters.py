@@ -11,8 +11,10 @@ together (all checked before anything is written); `set_scale` changes only the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -24,6 +26,19 @@ from .rules import Resolved, resolve_layer
 
 PEFT_PREFIX = "base_model.model."
 SCALING_KEY = "lora_scaling"
+BASE_LAYER_SUFFIX = ".base_layer.weight"
+# PEFT's `save_embedding_layers="auto"`: config names that make it save base embedding weights.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+class BaseWeights(Protocol):
+    """A route's access to the base weights (an attached model, a program's state, a GraphModule)."""
+
+    def get(self, layer: str) -> torch.Tensor | None:
+        """The weight the layer (module path) computes with, or None if there is no such layer."""
+
+    def set(self, layer: str, value: torch.Tensor) -> None:
+        """Make the layer compute with `value` (same shape) from now on."""
 
 
 @dataclass
@@ -174,7 +189,7 @@ class AdapterSet:
         return out
 
     def load(self, cfg: LoraConfig, state: dict[str, torch.Tensor], *, source: str = "adapter",
-             baked_dropout: float | None = None) -> None:
+             baked_dropout: float | None = None, base: BaseWeights | None = None) -> None:
         """Load another adapter (its config and tensors) into these adapters, in place.
 
         Afterwards `cfg` is the loaded adapter's config: scalings follow its alpha / rsLoRA /
@@ -184,13 +199,14 @@ class AdapterSet:
         Args:
             baked_dropout: the `lora_dropout` compiled into a program that cannot be rebuilt
                 (a `transform(..., train=True)` program); the adapter must have the same.
+            base: where base weights saved with the adapter go (see `load_peft_state_dict`).
 
         Raises:
             AdapterFileError: a config that does not fit these adapters (variant, rank,
                 dropout, bias), or a bad tensor (see `load_peft_state_dict`).
         """
         plan = self._reconfigured(cfg, source, baked_dropout)
-        self.load_peft_state_dict(state, source=source)
+        self.load_peft_state_dict(state, source=source, base=base)
         for name, res in plan.items():
             self.entries[name].resolved = res
         self.cfg = cfg
@@ -227,12 +243,14 @@ class AdapterSet:
         return plan
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "adapter",
-                             strict_extra: bool = True) -> set[str]:
+                             strict_extra: bool = True, base: BaseWeights | None = None) -> set[str]:
         """Copy `state` into the adapters (in place: compiled graphs see it without recompiling).
 
         Every adapter tensor must be present with its exact shape, a floating-point dtype and
-        finite values. Keys for layers this set does not have are an error when `strict_extra`,
-        else returned. Nothing is copied unless every key passes.
+        finite values. Base weights PEFT saves with an adapter (embedding layers: `<layer>.base_layer.weight`
+        for a targeted one, `<layer>.weight` for a resized vocabulary) go to `base`, which must have
+        that layer with that shape, as PEFT's loading requires. Other keys are an error when
+        `strict_extra`, else returned. Nothing is written unless every key passes.
 
         Raises:
             AdapterFileError: naming the missing / unexpected / mis-shaped / non-float / non-finite key.
@@ -243,7 +261,8 @@ class AdapterSet:
         if missing:
             raise AdapterFileError(f"{source}: missing adapter key {missing[0]!r}"
                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        extra = {k for k in state if k not in own}
+        base_values = _base_weight_keys([k for k in state if k not in own], base)
+        extra = {k for k in state if k not in own and k not in base_values}
         if extra and strict_extra:
             first = sorted(extra)[0]
             raise AdapterFileError(
@@ -252,13 +271,31 @@ class AdapterSet:
                 + "; the config's target rules select no such layer in this model")
         for full, (entry, key) in own.items():
             check_adapter_value(full, state[full], tuple(entry.tensors[key].shape), source)
+        for full, layer in base_values.items():
+            current = base.get(layer)
+            check_adapter_value(full, state[full], tuple(current.shape), source, what=f"the model's {layer!r} weight")
         with torch.no_grad():
             for full, (entry, key) in own.items():
                 if entry.tensors[key].device.type == "meta":
                     entry.deferred[key] = state[full]  # copied in when the adapter gets storage
                 else:
                     entry.tensors[key].copy_(state[full])
+            for full, layer in base_values.items():
+                current = base.get(layer)
+                base.set(layer, state[full].to(dtype=current.dtype, device=current.device))
         return extra
+
+    def base_layers_to_save(self, base_names) -> list[str]:
+        """The targeted layers whose base weights PEFT writes with the adapter by default
+        (`save_embedding_layers="auto"`): when the config names `embed_tokens` / `lm_head`
+        (list entry, or a regex matching such a layer), every targeted layer of that name."""
+        tm = self.cfg.target_modules
+        named = [n for n in self.entries if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES]
+        if isinstance(tm, str):
+            return [] if tm.lower() == "all-linear" else [n for n in named if re.fullmatch(tm, n)]
+        if not any(k in tm for k in EMBEDDING_LAYER_NAMES):
+            return []
+        return [n for n in named if n in base_names]
 
     def resolved_target_names(self) -> list[str]:
         return list(self.entries)
@@ -275,10 +312,32 @@ def _replace_storage(t: torch.Tensor, new: torch.Tensor) -> None:
         torch.utils.swap_tensors(t, new)
 
 
-def check_adapter_value(key: str, value: torch.Tensor, shape: tuple[int, ...], source: str) -> None:
-    """An adapter tensor read from a file: the expected shape, floating point, all values finite."""
+def _base_weight_keys(keys, base: BaseWeights | None) -> dict[str, str]:
+    """file key -> layer, for the keys that are base weights of the model's layers."""
+    if base is None:
+        return {}
+    out = {}
+    for key in keys:
+        body = key.removeprefix(PEFT_PREFIX)
+        if body.endswith(BASE_LAYER_SUFFIX):
+            layer = body[: -len(BASE_LAYER_SUFFIX)]
+        elif body.endswith(".weight") and "lora_" not in body:
+            layer = body[: -len(".weight")]
+        else:
+            continue
+        if base.get(layer) is not None:
+            out[key] = layer
+    return out
+
+
+def check_adapter_value(key: str, value: torch.Tensor, shape: tuple[int, ...], source: str, *,
+                        what: str = "the model") -> None:
+    """A tensor read from an adapter file: the expected shape, floating point, all values finite."""
     if tuple(value.shape) != shape:
-        raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model needs {shape}")
+        if what == "the model":
+            raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model needs {shape}")
+        raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(value.shape)}, {what} has {shape} (saved for "
+                               "another vocabulary size? resize the model's token embeddings to match first)")
     if not value.is_floating_point():
         raise AdapterFileError(f"{source}: key {key!r} has dtype {value.dtype}; adapter tensors are floating point")
     finite = torch.isfinite(value)

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, SCALING_KEY, AdapterEntry, AdapterSet
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
@@ -132,7 +132,7 @@ class LoraBackend:
         resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
         self.adapters.add(resolved, dtype=self.adapter_dtype, weights=_layer_weights(model, resolved))
         if self._pending is not None:
-            self.adapters.load_peft_state_dict(self._pending, source="adapter directory")
+            self.adapters.load_peft_state_dict(self._pending, source="adapter directory", base=ModelWeights(model))
             self._pending = None
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         for name, p in model.named_parameters():
@@ -183,7 +183,12 @@ class LoraBackend:
 
         check_savable(self.config)
         self._follow_model()
-        write_adapter_dir(path, config_to_save(self.config, self.adapters), self.adapters.peft_state_dict())
+        tensors = self.adapters.peft_state_dict()
+        if self._model is not None:
+            base = ModelWeights(self._model)
+            for layer in self.adapters.base_layers_to_save(self.adapters.entries):
+                tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
+        write_adapter_dir(path, config_to_save(self.config, self.adapters), tensors)
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Load another adapter of the same shapes in place; compiled code is reused as is.
@@ -194,7 +199,8 @@ class LoraBackend:
         self._refuse_if_merged("load_adapter")
         self._follow_model()
         cfg, tensors = read_adapter_dir(path)
-        self.adapters.load(cfg, tensors, source=os.fspath(path))
+        base = ModelWeights(self._model) if self._model is not None else None
+        self.adapters.load(cfg, tensors, source=os.fspath(path), base=base)
 
     def set_scale(self, factor: float) -> None:
         """Multiply every layer's configured scaling by `factor` (0 disables the adapters; 1
@@ -370,9 +376,12 @@ class LoraBackend:
         if self._pending is not None and added:
             sub = AdapterSet(self.config)
             sub.entries = {name: self.adapters.entries[name] for name in added}
-            prefixes = tuple(f"base_model.model.{name}." for name in added)
+            prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in added)
             mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes)}
-            sub.load_peft_state_dict(mine, source="adapter directory")
+            # Base weights saved with the adapter go into the model's own tensors (Dynamo's example
+            # inputs are the model's parameters), as PEFT's loading writes them into the model.
+            base = _TensorWeights(weights)
+            sub.load_peft_state_dict(mine, source="adapter directory", base=base)
 
     def _check_sites(self, gm: fx.GraphModule, site_nodes: list[fx.Node]) -> None:
         """Every adapted layer this graph runs is a site here, of the shape its adapter was made for."""
@@ -392,6 +401,43 @@ class LoraBackend:
                     f"{layer.name}: the compiled graph has a {layer.kind} ({layer.in_features} -> "
                     f"{layer.out_features}) but the adapter was made for a {have.kind} ({have.in_features} -> "
                     f"{have.out_features})")
+
+
+class ModelWeights:
+    """`BaseWeights` of an attached model: loaded base weights are copied into its parameters in
+    place, as PEFT's loading does."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def get(self, layer: str) -> torch.Tensor | None:
+        try:
+            weight = getattr(self.model.get_submodule(layer), "weight", None)
+        except AttributeError:
+            return None
+        return weight if isinstance(weight, torch.Tensor) else None
+
+    def set(self, layer: str, value: torch.Tensor) -> None:
+        weight = self.get(layer)
+        if weight.device.type == "meta":
+            raise LoraFxError(f"layer {layer!r}: the adapter carries base weights for it, but the model is on the meta "
+                              "device; attach and load after the model has real weights")
+        with torch.no_grad():
+            weight.copy_(value)
+
+
+class _TensorWeights:
+    """`BaseWeights` over tensors by layer, written in place."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights
+
+    def get(self, layer: str) -> torch.Tensor | None:
+        return self.weights.get(layer)
+
+    def set(self, layer: str, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weights[layer].copy_(value)
 
 
 def _layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:

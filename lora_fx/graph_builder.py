@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "seq_nr")
@@ -47,6 +48,35 @@ def attr_at(root: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def install_attr(gm: nn.Module, original_root: nn.Module, path: str, value) -> None:
+    """Set `gm.<path> = value` without touching a module `gm` shares with `original_root` (a
+    GraphModule copy shares submodules with the one it was copied from: copy-on-write). Without
+    `original_root`, every module on the path is copied (shallowly) first.
+
+    Example:
+        >>> import torch
+        >>> root = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> copy_ = torch.fx.GraphModule(root, torch.fx.symbolic_trace(root).graph)
+        >>> install_attr(copy_, root, "0.bias", torch.nn.Parameter(torch.zeros(2)))
+        >>> bool(root[0].bias.abs().sum() > 0) and torch.equal(copy_.get_submodule("0").bias, torch.zeros(2))
+        True
+    """
+    *prefix, leaf = path.split(".")
+    mod, orig = gm, original_root
+    for part in prefix:
+        child = getattr(mod, part)
+        orig_child = getattr(orig, part, None) if orig is not None else None
+        # Shared with the caller's module (or, without `original_root`, possibly shared): copy this
+        # level before writing below it.
+        if original_root is None or child is orig_child:
+            child = copy.copy(child)
+            child._modules, child._parameters, child._buffers = (dict(child._modules), dict(child._parameters),
+                                                                 dict(child._buffers))
+            setattr(mod, part, child)
+        mod, orig = child, orig_child
+    setattr(mod, leaf, value)
 
 
 def graph_fake_mode(graph: fx.Graph):

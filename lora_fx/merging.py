@@ -27,7 +27,7 @@ from torch.export.graph_signature import ExportGraphSignature
 
 from .adapters import AdapterSet
 from .errors import LoraFxError
-from .graph_builder import attr_at, copy_graph_module
+from .graph_builder import attr_at, copy_graph_module, install_attr
 from .passes.find_targets import SITE_KEY, bias_node, weight_node
 from .passes.merge_adapters import (
     MergedLayer,
@@ -210,7 +210,7 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
                                else None)
         record.undo[layer] = (m.undo, m.bias is not None)
     for path, original, new in installs:  # only after every merged weight was computed (and checked)
-        _install(gm, gm_in, path, new)
+        install_attr(gm, gm_in, path, new)
         if record.originals is not None:
             record.originals[path] = original
     setattr(gm, MERGED_ATTR, record)
@@ -221,9 +221,9 @@ def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.Grap
     gm = copy_graph_module(gm_in)
     for layer, (weight_path, bias_path) in record.names.items():
         if record.originals is not None:
-            _install(gm, gm_in, weight_path, record.originals[weight_path])
+            install_attr(gm, gm_in, weight_path, record.originals[weight_path])
             if bias_path is not None:
-                _install(gm, gm_in, bias_path, record.originals[bias_path])
+                install_attr(gm, gm_in, bias_path, record.originals[bias_path])
             continue
         undo, bias_changed = record.undo[layer]
         entry = record.adapters.entries[layer]
@@ -231,13 +231,13 @@ def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.Grap
         if isinstance(current, nn.Module):
             weight, bias = subtracted_layer(entry, MergedLayer(current.weight, current.bias if bias_changed else None,
                                                                undo))
-            _install(gm, gm_in, weight_path, _with_params(current, weight, bias))
+            install_attr(gm, gm_in, weight_path, _with_params(current, weight, bias))
             continue
         bias_now = attr_at(gm, bias_path) if bias_changed else None
         weight, bias = subtracted_layer(entry, MergedLayer(current, bias_now, undo))
-        _install(gm, gm_in, weight_path, nn.Parameter(weight, requires_grad=False))
+        install_attr(gm, gm_in, weight_path, nn.Parameter(weight, requires_grad=False))
         if bias is not None:
-            _install(gm, gm_in, bias_path, nn.Parameter(bias, requires_grad=False))
+            install_attr(gm, gm_in, bias_path, nn.Parameter(bias, requires_grad=False))
     return _transform_graph_module(gm, record.adapters.cfg, None, record.train, None, adapters=record.adapters)
 
 
@@ -259,19 +259,3 @@ def _with_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
     if bias is not None:
         new._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
     return new
-
-
-def _install(gm: nn.Module, original_root: nn.Module, path: str, value) -> None:
-    """Set `gm.<path> = value` without touching a module `gm` shares with `original_root`."""
-    *prefix, leaf = path.split(".")
-    mod, orig = gm, original_root
-    for part in prefix:
-        child = getattr(mod, part)
-        orig_child = getattr(orig, part, None) if orig is not None else None
-        if child is orig_child:  # shared with the caller's module: copy this level before writing below it
-            child = copy.copy(child)
-            child._modules, child._parameters, child._buffers = (dict(child._modules), dict(child._parameters),
-                                                                 dict(child._buffers))
-            setattr(mod, part, child)
-        mod, orig = child, orig_child
-    setattr(mod, leaf, value)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -19,11 +21,11 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, SCALING_KEY, AdapterEntry, AdapterSet
 from .backend import Spec, read_spec
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
-from .graph_builder import attr_at, copy_graph_module, graph_fake_mode
+from .graph_builder import attr_at, copy_graph_module, graph_fake_mode, install_attr
 from .marks import ADAPTER, MERGED, clear_mark, marked_layers
 from .passes.find_targets import SITE_KEY, find_targets, graph_layers, output_layer_names_of_graph
 from .passes.inject_adapters import inject_adapters, sanitize
@@ -32,15 +34,45 @@ from .rules import resolve
 ADAPTERS_ATTR = "lora_fx_adapters"
 
 
-def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, weight_of) -> AdapterSet:
-    """`weight_of(weight name) -> tensor`: the base weights, for variants initialised from them."""
+@dataclass
+class NamedWeights:
+    """`BaseWeights` of a graph: layer -> the name its weight is read by (a state_dict key, a
+    GraphModule attribute path), and the route's read and write of such a name."""
+
+    names: dict[str, str]
+    read: Callable[[str], torch.Tensor]
+    write: Callable[[str, torch.Tensor], None]
+
+    def get(self, layer: str) -> torch.Tensor | None:
+        name = self.names.get(layer)
+        return None if name is None else self.read(name)
+
+    def set(self, layer: str, value: torch.Tensor) -> None:
+        self.write(self.names[layer], value)
+
+
+def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
+    """layer -> the name its (first) call reads the weight by."""
+    names: dict[str, str] = {}
+    for node in site_nodes:
+        names.setdefault(node.meta[SITE_KEY].layer.name, node.meta[SITE_KEY].weight)
+    return names
+
+
+def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights) -> AdapterSet:
+    """Adapters for the layers `cfg` targets in `gm`, loaded from `pending` (a PEFT state dict)
+    if given; base weights saved with it go to `base`, whose values also initialise variants
+    that depend on them."""
     resolved = resolve(graph_layers(gm, site_nodes), cfg, output_layer_names_of_graph(site_nodes))
-    names = {n.meta[SITE_KEY].layer.name: n.meta[SITE_KEY].weight for n in site_nodes}
-    weights = {layer: weight_of(names[layer]) for layer in resolved}
-    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype, weights=weights)
+    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype,
+                                 weights={layer: base.get(layer) for layer in resolved})
     if pending is not None:
-        adapters.load_peft_state_dict(pending, source="adapter directory")
+        adapters.load_peft_state_dict(pending, source="adapter directory", base=base)
     return adapters
+
+
+def _frozen(value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach(), requires_grad=False)
 
 
 def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.dtype | None = None):
@@ -113,8 +145,11 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     graph = gm.graph
     _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
     site_nodes = find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})
+    weights = dict(weights or {})
     if adapters is None:
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, lambda key: ep.state_dict[key])
+        base = NamedWeights(site_weight_names(site_nodes), lambda key: weights.get(key, ep.state_dict[key]),
+                            lambda key, value: weights.__setitem__(key, _frozen(value)))
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base)
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -162,7 +197,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_repointed_outputs(graph, sig))
 
     state_dict = {}
-    for key, value in {**ep.state_dict, **(weights or {})}.items():
+    for key, value in {**ep.state_dict, **weights}.items():
         if isinstance(value, nn.Parameter):
             owner, _, leaf = key.rpartition(".")
             trainable = (cfg.bias == "all" and leaf == "bias") or (
@@ -226,7 +261,9 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     _clear_merged_marks(graph)
     site_nodes = find_targets(gm)
     if adapters is None:
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, lambda path: attr_at(gm, path))
+        base = NamedWeights(site_weight_names(site_nodes), lambda path: attr_at(gm, path),
+                            lambda path, value: install_attr(gm, gm_in, path, _frozen(value)))
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base)
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)
@@ -274,7 +311,29 @@ def save_adapter(obj, path) -> None:
         return
     adapters = _adapters_of(obj)
     check_savable(adapters.cfg)
-    write_adapter_dir(path, config_to_save(adapters.cfg, adapters), adapters.peft_state_dict())
+    tensors = adapters.peft_state_dict()
+    base = _base_weights_of(obj)
+    for layer in adapters.base_layers_to_save(base.names):
+        tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
+    write_adapter_dir(path, config_to_save(adapters.cfg, adapters), tensors)
+
+
+def _base_weights_of(obj) -> NamedWeights:
+    """The base weights of a transformed program / GraphModule, by layer (read from its graph;
+    for a merged one, from its unmerged form: its weights hold the adapter)."""
+    if getattr(obj, "lora_fx_merged", None) is not None:
+        from .merging import unmerge
+
+        obj = unmerge(obj)
+    if isinstance(obj, ExportedProgram):
+        gm = copy_graph_module(obj.graph_module)  # annotate a copy, not the program's own nodes
+        sig = obj.graph_signature
+        names = site_weight_names(find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters}))
+        return NamedWeights(names, obj.state_dict.__getitem__,
+                            lambda key, value: obj.state_dict.__setitem__(key, _frozen(value)))
+    names = site_weight_names(find_targets(copy_graph_module(obj)))
+    return NamedWeights(names, lambda path: attr_at(obj, path),
+                        lambda path, value: install_attr(obj, None, path, _frozen(value)))
 
 
 def _adapters_of(obj) -> AdapterSet:
@@ -323,4 +382,4 @@ def load_adapter(obj, path) -> None:
     adapters = _adapters_of(obj)
     cfg, tensors = read_adapter_dir(path)
     baked = adapters.cfg.lora_dropout if getattr(obj, "lora_fx_train", False) else None
-    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked)
+    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(obj))

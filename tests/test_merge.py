@@ -371,4 +371,16 @@ def test_save_adapter_from_a_merged_program(tmp_path):
     lora_fx.save_adapter(ep_lora, tmp_path / "b")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
-    assert copy.copy(merged.lora_fx_merged.weights) == {"emb": "emb.weight", "out": "out.weight"}
+    assert copy.copy(merged.lora_fx_merged.names) == {"emb": ("emb.weight", None), "out": ("out.weight", None)}
+
+
+def test_save_from_a_merged_program_writes_the_original_base_embedding(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    ep = torch.export.export(model, (token_input(),))
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False)
+    merged = lora_fx.merge(lora_fx.transform(ep, cfg))
+    lora_fx.save_adapter(merged, tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.model.embed_tokens.base_layer.weight"], model.model.embed_tokens.weight)

@@ -53,6 +53,7 @@ from ..layers import (
     layer_of_module,
     resolve_class,
 )
+from ..marks import ADAPTER, has_mark
 
 SITE_KEY = "lora_fx_site"
 REFUSED_KEY = "lora_fx_refused"
@@ -299,7 +300,7 @@ def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, state_names:
     (computed from its input), or None: the activation path through the module call, in `scope`,
     must hold only views, the add of the layer's own bias, or (embedding) the multiply by its
     `embed_scale`."""
-    in_scope = set(scope)
+    in_scope = {n for n in scope if not has_mark(n, ADAPTER)}  # an adapter's own nodes are not the module's
     x = op.args[parsed.input_index] if len(op.args) > parsed.input_index else None
     upstream, cur = [], x
     while isinstance(cur, fx.Node) and cur in in_scope and cur.op in ("call_function", "call_method"):
@@ -381,6 +382,8 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) 
     found = []
     for node in gm.graph.nodes:
         site = None
+        if has_mark(node, ADAPTER):  # an adapter's own linear (of a transformed graph) is no site
+            continue
         if node.op in ("call_function", "call_method"):
             site = _site_of_call(gm, node, state_names, scopes)
         elif node.op == "call_module":
