@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, SCALING_KEY, AdapterEntry, AdapterSet
+from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
@@ -321,7 +321,7 @@ class LoraBackend:
             if key not in compiled:
                 compiled[key] = build(key, list(args))
             fn, feeds = compiled[key]
-            return fn(*args, *[_feed(entry, k) for entry, k in feeds])
+            return fn(*args, *feeds)
 
         return run
 
@@ -334,30 +334,29 @@ class LoraBackend:
         graph = work.graph
         site_nodes = find_targets(work)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        feeds: list[tuple[AdapterEntry, str]] = []
+        feeds: list[torch.Tensor] = []  # held by reference: new values are copied into them
         fake_mode = graph_fake_mode(graph)
         cache: dict[tuple[str, str], fx.Node] = {}
         last = [placeholders[-1]]
 
-        def provide(entry: AdapterEntry, key: str) -> fx.Node:
-            if (entry.name, key) not in cache:
+        def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
+            if (owner, key) not in cache:
                 with graph.inserting_after(last[0]):
-                    node = graph.placeholder(f"lora_{sanitize(entry.name)}_{sanitize(key)}".lower())
-                tensor = _feed(entry, key)
+                    node = graph.placeholder(f"lora_{sanitize(owner)}_{sanitize(key)}".lower())
                 if fake_mode is not None:
                     node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
                     node.meta["example_value"] = node.meta["val"]
                 last[0] = node
-                cache[entry.name, key] = node
-                feeds.append((entry, key))
-            return cache[entry.name, key]
+                cache[owner, key] = node
+                feeds.append(tensor)
+            return cache[owner, key]
 
         # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
         inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders,
                         needs_grad=torch.is_grad_enabled() or not self.inference_form)
         # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
         work = fx.GraphModule(work, graph)
-        fn = self._compile(work, example_inputs + [_feed(entry, key) for entry, key in feeds])
+        fn = self._compile(work, example_inputs + feeds)
         return fn, feeds
 
     def _adopt_sites(self, site_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs) -> None:
@@ -463,10 +462,6 @@ def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             raise UnsupportedFeatureError(
                 f"cannot merge the adapter of {name!r}: its weight is shared with {', '.join(map(repr, others))} "
                 "(tied weights); merging would change those layers too. Untie the weights, or run unmerged")
-
-
-def _feed(entry: AdapterEntry, key: str) -> torch.Tensor:
-    return entry.scaling if key == SCALING_KEY else entry.tensors[key]
 
 
 def backend(spec: Spec, **kwargs) -> LoraBackend:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, SCALING_KEY, AdapterEntry, AdapterSet
+from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, SCALING_KEY, AdapterSet
 from .backend import Spec, read_spec
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
@@ -159,12 +159,11 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     state = {}
     cache: dict[tuple[str, str], fx.Node] = {}
 
-    def provide(entry: AdapterEntry, key: str) -> fx.Node:
-        if (entry.name, key) in cache:
-            return cache[entry.name, key]
+    def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
+        if (owner, key) in cache:
+            return cache[owner, key]
         is_scale = key == SCALING_KEY
-        tensor = entry.scaling if is_scale else entry.tensors[key]
-        target = f"{entry.name}.{key}"
+        target = f"{owner}.{key}"
         # Parameters precede buffers and user inputs; buffers precede user inputs.
         before = after_params if not is_scale else _first_user_input(graph, sig)
         prefix = "b_" if is_scale else "p_"
@@ -179,7 +178,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         new_specs[node.name] = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=target,
                                          persistent=True if is_scale else None)
         state[target] = tensor
-        cache[entry.name, key] = node
+        cache[owner, key] = node
         return node
 
     user_inputs = [n for n in placeholders if n.name in sig.user_inputs]
@@ -270,20 +269,18 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     first = next(n for n in graph.nodes if n.op != "placeholder")
     cache: dict[tuple[str, str], fx.Node] = {}
 
-    def provide(entry: AdapterEntry, key: str) -> fx.Node:
-        if (entry.name, key) not in cache:
-            attr = f"{sanitize(entry.name)}__{sanitize(key)}"
+    def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
+        if (owner, key) not in cache:
+            attr = f"{sanitize(owner)}__{sanitize(key)}"
             if key == SCALING_KEY:
-                container.register_buffer(attr, entry.scaling)
-                tensor = entry.scaling
+                container.register_buffer(attr, tensor)
             else:
-                container.register_parameter(attr, entry.tensors[key])
-                tensor = entry.tensors[key]
+                container.register_parameter(attr, tensor)
             with graph.inserting_before(first):
                 node = graph.get_attr(f"{ADAPTERS_ATTR}.{attr}")
             node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
-            cache[entry.name, key] = node
-        return cache[entry.name, key]
+            cache[owner, key] = node
+        return cache[owner, key]
 
     inject_adapters(gm, site_nodes, adapters, provide, training=train, needs_grad=train)
     for name, p in gm.named_parameters():

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 
-from ..adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from ..adapters import SCALING_KEY, AdapterSet
 from ..graph_builder import GraphBuilder, graph_fake_mode
 from ..marks import ADAPTER, INPUT, OUTPUT, set_mark
 from ..variants import SiteCall
 from .find_targets import SITE_KEY, bias_node, weight_node
 
-Provide = Callable[[AdapterEntry, str], fx.Node]
+# (owner: a layer or module name, key: e.g. "lora_A.weight", the tensor) -> the graph input reading
+# it. The tensor is held by reference (new values are copied into it), never baked in.
+Provide = Callable[[str, str, torch.Tensor], fx.Node]
 
 
 def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
@@ -41,8 +44,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         entry = adapters.entries.get(site.layer.name)
         if entry is None:
             continue
-        params = {key: provide(entry, key) for key in entry.tensors}
-        scale = provide(entry, SCALING_KEY)
+        params = {key: provide(entry.name, key, t) for key, t in entry.tensors.items()}
+        scale = provide(entry.name, SCALING_KEY, entry.scaling)
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
             set_mark(provided, INPUT, [entry.name, key])
         builder = GraphBuilder(gm.graph, node, fake_mode)
