@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -79,6 +79,17 @@ class AdapterSet:
         self.cfg = cfg
         self.scale_factor = 1.0
         self.entries: dict[str, AdapterEntry] = {}
+        # modules_to_save: module path -> {parameter name inside the module: its trainable copy}
+        self.saved: dict[str, dict[str, nn.Parameter]] = {}
+        self._saved_deferred: dict[tuple[str, str], torch.Tensor] = {}  # loaded while the copy was on meta
+
+    def saved_copy(self, module: str, name: str, value: torch.Tensor) -> nn.Parameter:
+        """The trainable copy of `module`'s parameter `name` (`modules_to_save`), made from `value`
+        the first time it is asked for; PEFT trains a deep copy of the module the same way."""
+        copies = self.saved.setdefault(module, {})
+        if name not in copies:
+            copies[name] = nn.Parameter(value.detach().clone(), requires_grad=True)
+        return copies[name]
 
     @classmethod
     def create(cls, cfg: LoraConfig, resolved: dict[str, Resolved], *, dtype: torch.dtype | None = None,
@@ -122,7 +133,8 @@ class AdapterSet:
             with torch.no_grad():
                 entry.variant.init_from_base(entry.tensors, weight.detach(), entry.resolved, self.cfg)
 
-    def follow(self, weights: dict[str, torch.Tensor]) -> None:
+    def follow(self, weights: dict[str, torch.Tensor],
+               saved_sources: dict[tuple[str, str], torch.Tensor] | None = None) -> None:
         """Put each layer's adapter on the device of its base weight (`weights`: layer -> weight).
 
         Adapters made while the model was on the meta device get storage here and are initialised
@@ -155,6 +167,17 @@ class AdapterSet:
                     for t in entry.tensors.values():
                         _replace_storage(t, t.detach().to(dev))
                     _replace_storage(entry.scaling, entry.scaling.to(dev))
+        for (module, name), source in (saved_sources or {}).items():
+            copy_ = self.saved.get(module, {}).get(name)
+            if copy_ is None or copy_.device == source.device or source.device.type == "meta":
+                continue
+            with torch.no_grad():
+                if copy_.device.type == "meta":  # made before the model had weights: copy them now
+                    _replace_storage(copy_, source.detach().clone())
+                    if (module, name) in self._saved_deferred:
+                        copy_.copy_(self._saved_deferred.pop((module, name)))
+                else:
+                    _replace_storage(copy_, copy_.detach().to(source.device))
 
     # -- views -------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -164,11 +187,15 @@ class AdapterSet:
         return len(self.entries)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """`(layer.key, tensor)` for every trainable adapter tensor."""
+        """`(layer.key, tensor)` for every trainable adapter tensor, then
+        `(module.modules_to_save.name, copy)` for the modules saved in full."""
         for name, entry in self.entries.items():
             for key, t in entry.tensors.items():
                 if t.requires_grad:
                     yield f"{name}.{key}", t
+        for module, copies in self.saved.items():
+            for name, t in copies.items():
+                yield f"{module}.modules_to_save.{name}", t
 
     def parameters(self) -> list[nn.Parameter]:
         return [t for _, t in self.named_parameters()]
@@ -186,6 +213,12 @@ class AdapterSet:
                     raise LoraFxError(f"layer {name!r}: its adapter is on the meta device and has no values yet "
                                       "(the model had no real weights when it was attached); nothing to save")
                 out[f"{PEFT_PREFIX}{name}.{key}"] = t.detach()
+        for module, copies in self.saved.items():  # PEFT's key for a module copy: `<module>.<param>`
+            for name, t in copies.items():
+                if t.device.type == "meta":
+                    raise LoraFxError(f"module {module!r} (modules_to_save) is on the meta device and has no values "
+                                      "yet; nothing to save")
+                out[f"{PEFT_PREFIX}{module}.{name}"] = t.detach()
         return out
 
     def load(self, cfg: LoraConfig, state: dict[str, torch.Tensor], *, source: str = "adapter",
@@ -255,8 +288,12 @@ class AdapterSet:
         Raises:
             AdapterFileError: naming the missing / unexpected / mis-shaped / non-float / non-finite key.
         """
-        own = {f"{PEFT_PREFIX}{name}.{key}": (entry, key)
-               for name, entry in self.entries.items() for key in entry.tensors}
+        # file key -> (the tensor it loads into, where to keep it while that tensor is on meta)
+        own: dict[str, tuple[torch.Tensor, dict, Any]] = {
+            f"{PEFT_PREFIX}{name}.{key}": (t, entry.deferred, key)
+            for name, entry in self.entries.items() for key, t in entry.tensors.items()}
+        own.update({f"{PEFT_PREFIX}{module}.{name}": (t, self._saved_deferred, (module, name))
+                    for module, copies in self.saved.items() for name, t in copies.items()})
         missing = [k for k in own if k not in state]
         if missing:
             raise AdapterFileError(f"{source}: missing adapter key {missing[0]!r}"
@@ -269,17 +306,17 @@ class AdapterSet:
                 f"{source}: unexpected key {first!r}"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                 + "; the config's target rules select no such layer in this model")
-        for full, (entry, key) in own.items():
-            check_adapter_value(full, state[full], tuple(entry.tensors[key].shape), source)
+        for full, (t, _, _) in own.items():
+            check_adapter_value(full, state[full], tuple(t.shape), source)
         for full, layer in base_values.items():
             current = base.get(layer)
             check_adapter_value(full, state[full], tuple(current.shape), source, what=f"the model's {layer!r} weight")
         with torch.no_grad():
-            for full, (entry, key) in own.items():
-                if entry.tensors[key].device.type == "meta":
-                    entry.deferred[key] = state[full]  # copied in when the adapter gets storage
+            for full, (t, deferred, key) in own.items():
+                if t.device.type == "meta":
+                    deferred[key] = state[full]  # copied in when the tensor gets storage (`follow`)
                 else:
-                    entry.tensors[key].copy_(state[full])
+                    t.copy_(state[full])
             for full, layer in base_values.items():
                 current = base.get(layer)
                 base.set(layer, state[full].to(dtype=current.dtype, device=current.device))

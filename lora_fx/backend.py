@@ -28,11 +28,19 @@ from .passes.find_targets import (
     SITE_KEY,
     find_targets,
     graph_layers,
+    normalize_path,
     output_layer_names_of_graph,
     unmatched_layers,
     weight_node,
 )
 from .passes.inject_adapters import inject_adapters, sanitize
+from .passes.substitute_saved_modules import (
+    SAVED_READS_KEY,
+    find_saved_module_reads,
+    module_paths,
+    select_saved_modules,
+    substitute_saved_modules,
+)
 from .rules import resolve
 
 Spec = LoraConfig | str | os.PathLike
@@ -58,6 +66,7 @@ def config_to_save(cfg: LoraConfig, adapters: AdapterSet) -> dict[str, Any]:
     data = cfg.to_peft_dict()
     if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR:
         data["target_modules"] = sorted(adapters.resolved_target_names())
+    data["modules_to_save"] = cfg.saved_module_names() or None  # with the task's heads, as PEFT writes it
     return data
 
 
@@ -103,6 +112,7 @@ class LoraBackend:
         self._inner = _inner_backend(inner)
         self._model: nn.Module | None = None
         self._requires_grad_before: dict[str, bool] = {}
+        self._saved_paths: list[str] | None = None  # modules_to_save of the attached model
         self.graphs_compiled = 0
         self.merged = False
         # While merged: layer -> (original weight data, original bias data) in the exact mode, or
@@ -130,7 +140,19 @@ class LoraBackend:
                 "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
                 "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
         resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
+        self._saved_paths = select_saved_modules(self.config.saved_module_names(),
+                                                 [name for name, _ in model.named_modules()])
+        for path in self._saved_paths:
+            module = model.get_submodule(path)
+            buffers = sorted(set(module.state_dict()) - {n for n, _ in module.named_parameters()})
+            if buffers:
+                raise UnsupportedFeatureError(
+                    f"modules_to_save: module {path!r} has persistent buffers ({', '.join(buffers[:3])}: e.g. "
+                    "BatchNorm running statistics); saving modules with buffers is not supported yet")
         self.adapters.add(resolved, dtype=self.adapter_dtype, weights=_layer_weights(model, resolved))
+        for path in self._saved_paths:
+            for name, p in model.get_submodule(path).named_parameters():
+                self.adapters.saved_copy(path, name, p)
         if self._pending is not None:
             self.adapters.load_peft_state_dict(self._pending, source="adapter directory", base=ModelWeights(model))
             self._pending = None
@@ -273,10 +295,34 @@ class LoraBackend:
         self._undo = {}
         self.merged = False
 
+    def _saved_modules_in(self, gm: fx.GraphModule) -> list[str]:
+        """The modules saved in full (modules_to_save): the attached model's, else those of this graph."""
+        if self._saved_paths is not None:
+            return self._saved_paths
+        return select_saved_modules(self.config.saved_module_names(), module_paths(gm))
+
+    def _state_kind(self, node: fx.Node):
+        """`StateKind` of a Dynamo placeholder, from its source (persistence from the attached model;
+        without one a buffer counts as persistent)."""
+        source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
+        if source is None:
+            return None
+        fqn = normalize_path(source.name)
+        if "_parameters" in source.name:
+            return ("parameter", fqn)
+        if "_buffers" not in source.name:
+            return None
+        owner, _, leaf = fqn.rpartition(".")
+        transient = self._model is not None and leaf in getattr(
+            self._model.get_submodule(owner), "_non_persistent_buffers_set", set())
+        return ("buffer" if transient else "persistent_buffer", fqn)
+
     def _follow_model(self) -> None:
         """Adapters on their base weights' devices (materialised if made on the meta device)."""
         if self._model is not None:
-            self.adapters.follow(_layer_weights(self._model, self.adapters.entries))
+            sources = {(module, name): self._model.get_submodule(module).get_parameter(name)
+                       for module, copies in self.adapters.saved.items() for name in copies}
+            self.adapters.follow(_layer_weights(self._model, self.adapters.entries), sources)
 
     def _refuse_if_merged(self, what: str) -> None:
         if self.merged:
@@ -293,14 +339,16 @@ class LoraBackend:
         if self._model is None:
             self._adopt_sites(site_nodes, gm, example_inputs)
         self._check_sites(gm, site_nodes)
-        if not any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes):
+        saved_reads = find_saved_module_reads(gm, self._saved_modules_in(gm), self._state_kind)
+        if not saved_reads and not any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes):
             return self._compile(gm, list(example_inputs))
         # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
         # reads `self.training` itself: follow the attached model's mode at call time, compiling
         # a graph per (mode, dropout) the first time it is seen (two per graph, unless a loaded
         # adapter brings another lora_dropout). The dropout is read from the loaded config at
         # call time, never remembered from compile time.
-        # Merged, the graph is Dynamo's own (the weights it reads hold merged values).
+        # Merged, the graph is Dynamo's own (the weights it reads hold merged values), reading the
+        # copies of modules saved in full (modules_to_save) if there are any.
         def current_key():
             if self.merged:
                 return "merged"
@@ -310,7 +358,7 @@ class LoraBackend:
 
         def build(key, inputs):
             if key == "merged":
-                return self._compile(copy_graph_module(gm), inputs), []
+                return self._build_and_compile(gm, inputs, training=False, with_adapters=False)
             return self._build_and_compile(gm, inputs, training=key[0])
 
         first = current_key()
@@ -329,11 +377,14 @@ class LoraBackend:
         self.graphs_compiled += 1
         return self._inner(gm, example_inputs)
 
-    def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, training: bool):
+    def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, training: bool,
+                           with_adapters: bool = True):
         work = copy_graph_module(gm)
         graph = work.graph
         site_nodes = find_targets(work)
+        saved_reads = find_saved_module_reads(work, self._saved_modules_in(work), self._state_kind)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        values = dict(zip(placeholders, example_inputs, strict=False))
         feeds: list[torch.Tensor] = []  # held by reference: new values are copied into them
         fake_mode = graph_fake_mode(graph)
         cache: dict[tuple[str, str], fx.Node] = {}
@@ -351,9 +402,12 @@ class LoraBackend:
                 feeds.append(tensor)
             return cache[owner, key]
 
-        # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
-        inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders,
-                        needs_grad=torch.is_grad_enabled() or not self.inference_form)
+        if with_adapters:
+            # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
+            inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders,
+                            needs_grad=torch.is_grad_enabled() or not self.inference_form)
+        substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
+                                 provide)
         # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
         work = fx.GraphModule(work, graph)
         fn = self._compile(work, example_inputs + feeds)
@@ -372,10 +426,19 @@ class LoraBackend:
             if w is not None and w in values:
                 weights.setdefault(node.meta[SITE_KEY].layer.name, values[w])
         added = self.adapters.add(resolved, dtype=self.adapter_dtype, weights=weights)
-        if self._pending is not None and added:
+        placeholder_values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
+                                      strict=False))
+        new_saved = []
+        for node in find_saved_module_reads(gm, self._saved_modules_in(gm), self._state_kind):
+            for inp, (module, name) in node.meta[SAVED_READS_KEY].items():
+                if module not in self.adapters.saved:
+                    new_saved.append(module)
+                self.adapters.saved_copy(module, name, placeholder_values[inp])
+        if self._pending is not None and (added or new_saved):
             sub = AdapterSet(self.config)
             sub.entries = {name: self.adapters.entries[name] for name in added}
-            prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in added)
+            sub.saved = {module: self.adapters.saved[module] for module in new_saved}
+            prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in [*added, *new_saved])
             mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes)}
             # Base weights saved with the adapter go into the model's own tensors (Dynamo's example
             # inputs are the model's parameters), as PEFT's loading writes them into the model.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AdapterFileError, ConfigError, UnsupportedFeatureError
-from .patterns import compile_or_none, layer_index_regex, pattern_key_regex
+from .patterns import compile_or_none, layer_index_regex, pattern_key_regex, saved_module_regex
 
 ALL_LINEAR = "all-linear"
 
@@ -30,7 +30,6 @@ _NOT_YET = {
     "alora_invocation_tokens": "aLoRA",
     "use_bdlora": "block-diagonal LoRA",
     "target_parameters": "raw-parameter targets (target_parameters)",
-    "modules_to_save": "modules_to_save",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
     "megatron_config": "Megatron parallel layers",
@@ -48,6 +47,10 @@ _NOT_YET = {
 }
 
 _INIT_MODES = (True, False, "gaussian")
+
+# The modules PEFT's task models (PeftModelForSequenceClassification, ...) add to modules_to_save.
+_TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                         "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _is_default(value: Any) -> bool:
@@ -78,7 +81,12 @@ class LoraConfig:
         alpha_pattern: Regex key -> alpha, resolved the same way.
         lora_bias: Give `lora_B` a trainable bias.
         task_type: PEFT's task type (`"CAUSAL_LM"`, `"SEQ_CLS"`, …). With `"SEQ_CLS"`,
-            `"all-linear"` leaves out a top-level `score` / `classifier` head, as PEFT does.
+            `"all-linear"` leaves out a top-level `score` / `classifier` head, and, as PEFT's task
+            models do, `"SEQ_CLS"` / `"TOKEN_CLS"` add `classifier` and `score` to
+            `modules_to_save`, `"QUESTION_ANS"` adds `qa_outputs`.
+        modules_to_save: Modules trained in full beside the adapter (a classifier head): each is
+            replaced by a trainable copy, saved as `<module>.<param>`, and gets no LoRA. A name
+            matches every module whose path ends with it (PEFT's rule).
 
     Example:
         >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -139,6 +147,10 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("LoraConfig.target_modules is an empty list")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -161,6 +173,19 @@ class LoraConfig:
                     f"LoraConfig.{name}={value!r}: {feature} is not supported by lora_fx yet"
                 )
 
+    def saved_module_names(self) -> list[str]:
+        """`modules_to_save` with the heads PEFT's task models add for `task_type`.
+
+        Example:
+            >>> LoraConfig(target_modules=["query"], task_type="SEQ_CLS").saved_module_names()
+            ['classifier', 'score']
+        """
+        names = list(self.modules_to_save or [])
+        for name in _TASK_MODULES_TO_SAVE.get(self.task_type or "", ()):
+            if name not in names:
+                names.append(name)
+        return names
+
     def _check_patterns(self) -> None:
         """Every regex the rule engine will use compiles, in the form it will be used (rules.py)."""
         tm = self.target_modules
@@ -174,6 +199,8 @@ class LoraConfig:
         for field_name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, field_name):
                 _check_regex(f"{field_name}[{key!r}]", key, pattern_key_regex(key))
+        for name in self.modules_to_save or []:
+            _check_regex("modules_to_save", name, saved_module_regex(name))
 
     # -- derived values ----------------------------------------------------------------------
     def scaling_for(self, r: int, alpha: float) -> float:

@@ -21,6 +21,12 @@ def layer_index_regex(layers_pattern: str | None) -> str:
     return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
 
 
+def saved_module_regex(name: str) -> str:
+    """A `modules_to_save` entry as PEFT keeps it out of LoRA's targets (`re.match`): the module
+    and everything under it."""
+    return rf"(^|.*\.){name}($|\..*)"
+
+
 def compile_or_none(regex: str) -> re.error | None:
     """The `re.error` this regex raises when compiled, or None if it compiles."""
     try:

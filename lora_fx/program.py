@@ -29,6 +29,13 @@ from .graph_builder import attr_at, copy_graph_module, graph_fake_mode, install_
 from .marks import ADAPTER, MERGED, clear_mark, marked_layers
 from .passes.find_targets import SITE_KEY, find_targets, graph_layers, output_layer_names_of_graph
 from .passes.inject_adapters import inject_adapters, sanitize
+from .passes.substitute_saved_modules import (
+    SAVED_READS_KEY,
+    find_saved_module_reads,
+    module_paths,
+    select_saved_modules,
+    substitute_saved_modules,
+)
 from .rules import resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
@@ -59,16 +66,56 @@ def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
     return names
 
 
-def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights) -> AdapterSet:
-    """Adapters for the layers `cfg` targets in `gm`, loaded from `pending` (a PEFT state dict)
-    if given; base weights saved with it go to `base`, whose values also initialise variants
-    that depend on them."""
+def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights,
+                   saved_reads: list[fx.Node], original: Callable[[fx.Node], torch.Tensor]) -> AdapterSet:
+    """Adapters for the layers `cfg` targets in `gm` and copies of the modules it saves in full,
+    loaded from `pending` (a PEFT state dict) if given; base weights saved with it go to `base`,
+    whose values also initialise variants that depend on them."""
     resolved = resolve(graph_layers(gm, site_nodes), cfg, output_layer_names_of_graph(site_nodes))
     adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype,
                                  weights={layer: base.get(layer) for layer in resolved})
+    for node in saved_reads:
+        for inp, (module, name) in node.meta[SAVED_READS_KEY].items():
+            adapters.saved_copy(module, name, original(inp))
     if pending is not None:
         adapters.load_peft_state_dict(pending, source="adapter directory", base=base)
     return adapters
+
+
+def _saved_modules(gm: fx.GraphModule, cfg: LoraConfig, adapters: AdapterSet | None) -> list[str]:
+    """The modules saved in full: those of an existing adapter set (unmerge), else `cfg`'s names
+    matched against the modules the graph runs."""
+    if adapters is not None:
+        return list(adapters.saved)
+    return select_saved_modules(cfg.saved_module_names(), module_paths(gm))
+
+
+def program_state_kind(sig: ExportGraphSignature):
+    """`StateKind` of an exported program's placeholders, from its signature."""
+    kinds = {}
+    for spec in sig.input_specs:
+        name = getattr(spec.arg, "name", None)
+        if spec.kind == InputKind.PARAMETER:
+            kinds[name] = ("parameter", spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            kinds[name] = ("persistent_buffer" if spec.persistent else "buffer", spec.target)
+    return lambda node: kinds.get(node.name) if node.op == "placeholder" else None
+
+
+def module_state_kind(gm: fx.GraphModule):
+    """`StateKind` of a GraphModule's `get_attr` nodes, from the modules that own them."""
+    def kind(node: fx.Node):
+        if node.op != "get_attr":
+            return None
+        owner_path, _, leaf = node.target.rpartition(".")
+        owner = attr_at(gm, owner_path) if owner_path else gm
+        if leaf in getattr(owner, "_parameters", {}):
+            return ("parameter", node.target)
+        if leaf in getattr(owner, "_buffers", {}):
+            transient = leaf in getattr(owner, "_non_persistent_buffers_set", set())
+            return ("buffer" if transient else "persistent_buffer", node.target)
+        return None
+    return kind
 
 
 def _frozen(value: torch.Tensor) -> nn.Parameter:
@@ -146,10 +193,18 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
     site_nodes = find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})
     weights = dict(weights or {})
+    state_kind = program_state_kind(sig)
+    saved = _saved_modules(gm, cfg, adapters)
+    saved_reads = find_saved_module_reads(gm, saved, state_kind)
+
+    def original(node: fx.Node) -> torch.Tensor:
+        key = state_kind(node)[1]
+        return weights.get(key, ep.state_dict[key])
+
     if adapters is None:
         base = NamedWeights(site_weight_names(site_nodes), lambda key: weights.get(key, ep.state_dict[key]),
                             lambda key, value: weights.__setitem__(key, _frozen(value)))
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base)
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original)
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -183,6 +238,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
 
     user_inputs = [n for n in placeholders if n.name in sig.user_inputs]
     inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs, needs_grad=train)
+    substitute_saved_modules(saved_reads, lambda m, n, inp: adapters.saved_copy(m, n, original(inp)), provide)
 
     old_specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
     input_specs = []
@@ -259,10 +315,15 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     graph = gm.graph
     _clear_merged_marks(graph)
     site_nodes = find_targets(gm)
+    saved_reads = find_saved_module_reads(gm, _saved_modules(gm, cfg, adapters), module_state_kind(gm))
+
+    def original(node: fx.Node) -> torch.Tensor:
+        return attr_at(gm, node.target)
+
     if adapters is None:
         base = NamedWeights(site_weight_names(site_nodes), lambda path: attr_at(gm, path),
                             lambda path, value: install_attr(gm, gm_in, path, _frozen(value)))
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base)
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original)
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)
@@ -283,6 +344,7 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
         return cache[owner, key]
 
     inject_adapters(gm, site_nodes, adapters, provide, training=train, needs_grad=train)
+    substitute_saved_modules(saved_reads, lambda m, n, inp: adapters.saved_copy(m, n, original(inp)), provide)
     for name, p in gm.named_parameters():
         if not name.startswith(ADAPTERS_ATTR + "."):
             p.requires_grad_(False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetNotFoundError, UnsupportedFeatureError
 from .layers import LINEAR_KINDS, LayerInfo
-from .patterns import layer_index_regex, pattern_key_regex
+from .patterns import layer_index_regex, pattern_key_regex, saved_module_regex
 
 # The top-level classification heads PEFT leaves out of "all-linear" for task_type="SEQ_CLS".
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -40,6 +40,9 @@ def _name_in(entries, name: str) -> bool:
 
 
 def _excluded(cfg: LoraConfig, name: str) -> bool:
+    # A module saved in full (modules_to_save), or one inside it, gets no adapter (as PEFT).
+    if any(re.match(saved_module_regex(m), name) for m in cfg.saved_module_names()):
+        return True
     ex = cfg.exclude_modules
     if not ex:
         return False

@@ -101,6 +101,8 @@ def peft_adapter(base, tmp_path, name="adapter", **cfg):
                 p.mul_(1 + 0.3 * torch.rand_like(p))
             elif "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.1)
+            elif "modules_to_save" in n:  # a trained copy differs from the original module
+                p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path / name
     peft_model.save_pretrained(path)
     return peft_model, path
@@ -143,7 +145,7 @@ def peft_adapter_grads(peft_model) -> dict[str, torch.Tensor]:
     """PEFT grads keyed by lora_fx's names (`layer.key`)."""
     out = {}
     for n, p in peft_model.named_parameters():
-        if p.grad is None or "lora_" not in n:
+        if p.grad is None or ("lora_" not in n and "modules_to_save" not in n):
             continue
         n = n.removeprefix("base_model.model.").replace(".default", "")
         n = n.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # PEFT's saved key

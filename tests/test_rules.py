@@ -28,6 +28,8 @@ CASES = [
     ("gpt2", dict(target_modules=["c_attn", "wte", "wpe"], rank_pattern={"^transformer.wte": 2})),
     ("bert", dict(target_modules="all-linear")),
     ("bert", dict(target_modules=["query", "dense"], layers_to_transform=[1], layers_pattern="layer")),
+    ("bert", dict(target_modules=["query", "dense"], modules_to_save=["pooler"])),  # no LoRA inside a saved module
+    ("bert", dict(target_modules="all-linear", modules_to_save=["attention.output"])),
 ]
 FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
