@@ -31,7 +31,8 @@ _NOT_YET = {
     "use_bdlora": "block-diagonal LoRA",
     "target_parameters": "raw-parameter targets (target_parameters)",
     "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable_token_indices",
+    "trainable_token_indices": ("trainable_token_indices (training only some embedding rows); to train the whole "
+                                "embedding instead, use modules_to_save=['embed_tokens']"),
     "megatron_config": "Megatron parallel layers",
     "eva_config": "EVA initialisation",
     "corda_config": "CorDA initialisation",

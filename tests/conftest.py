@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import re
 import warnings
 
 import pytest
@@ -151,6 +153,17 @@ def peft_adapter_grads(peft_model) -> dict[str, torch.Tensor]:
         n = n.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # PEFT's saved key
         out[n] = p.grad
     return out
+
+
+@contextlib.contextmanager
+def raised_while_compiling(exc_type: type, match: str):
+    """A lora_fx error raised while Dynamo compiles reaches the caller wrapped in Dynamo's
+    `BackendCompilerFailed`; the error itself is its `.inner_exception`. Check that one."""
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        yield info
+    inner = info.value.inner_exception
+    assert isinstance(inner, exc_type), f"{type(inner).__name__}: {inner}"
+    assert re.search(match, str(inner)), f"{match!r} not in {inner}"
 
 
 @pytest.fixture

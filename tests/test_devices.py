@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, peft_adapter
+from conftest import assert_close, peft_adapter, raised_while_compiling
 from torch import nn
 
 import lora_fx
@@ -97,7 +97,7 @@ def test_model_moved_to_meta_after_attach_is_refused_naming_the_layer():
     lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["2"]), inner="aot_eager")
     lora.parameters(model)
     model.to("meta")
-    with pytest.raises(Exception, match=r"layer '2': the base weight is on the meta device"):
+    with raised_while_compiling(lora_fx.LoraFxError, r"layer '2': the base weight is on the meta device"):
         torch.compile(model, backend=lora)(torch.randn(2, 8, device="meta"))
 
 

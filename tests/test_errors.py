@@ -39,7 +39,7 @@ def test_bad_config_field(field, value, match):
 
 @pytest.mark.parametrize("field,value", [
     ("use_qalora", True), ("alora_invocation_tokens", [1, 2]),
-    ("target_parameters", ["experts.gate_up_proj"]), ("modules_to_save", ["lm_head"]),
+    ("target_parameters", ["experts.gate_up_proj"]), ("trainable_token_indices", [1, 2]),
 ])
 def test_not_yet_supported_features_are_refused(field, value):
     with pytest.raises(lora_fx.UnsupportedFeatureError, match=field):
@@ -228,3 +228,15 @@ def test_a_second_backend_on_the_same_model_is_refused_until_the_first_detaches(
     gc.collect()
     third = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"]), inner="aot_eager")
     third.parameters(model)  # a backend that is gone does not block the model
+
+
+def test_trainable_token_indices_is_refused_with_the_alternative(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model = tiny_llama()
+    get_peft_model(model, PeftLoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5])
+                   ).save_pretrained(tmp_path / "tok")
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"trainable_token_indices=\[3, 5\].*some embedding rows"
+                                                              r".*modules_to_save=\['embed_tokens'\]"):
+        lora_fx.backend(tmp_path / "tok")

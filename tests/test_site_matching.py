@@ -13,6 +13,7 @@ from conftest import (
     peft_adapter,
     peft_adapter_grads,
     peft_reference,
+    raised_while_compiling,
     tiny_llama,
     token_input,
 )
@@ -137,7 +138,7 @@ def test_subclass_whose_forward_does_more_than_the_op_is_refused(layer, x, match
     lora = lora_fx.backend(cfg, inner="aot_eager")
     if route == "backend_attached":
         lora.parameters(net)
-    with pytest.raises(Exception, match=match):  # raised in Dynamo: wrapped as BackendCompilerFailed
+    with raised_while_compiling(lora_fx.UnsupportedFeatureError, match):
         torch.compile(net, backend=lora, fullgraph=True)(x)
 
 
@@ -226,7 +227,7 @@ def test_quantized_layers_are_refused_by_name(llama_4bit_dir, targets, attached)
             lora.parameters(model)
         assert len(lora.adapters) == 0
     else:
-        with pytest.raises(Exception, match=expected):  # raised inside Dynamo: BackendCompilerFailed
+        with raised_while_compiling(lora_fx.UnsupportedFeatureError, expected):
             torch.compile(model, backend=lora)(token_input())
 
 
