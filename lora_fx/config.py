@@ -116,6 +116,7 @@ class LoraConfig:
     alora_invocation_tokens: list[int] | None = None
     use_bdlora: Any = None
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     modules_to_save: list[str] | None = None
     # PEFT keys that do not affect the computation, kept for a faithful round trip.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
