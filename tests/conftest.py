@@ -133,6 +133,16 @@ def assert_close(actual, expected, what="output", rel=1e-5):
     assert err <= rel * max(scale, 1e-12), f"{what}: max abs err {err:.3e} > {rel} * max|ref| ({scale:.3e})"
 
 
+def tamper_adapter_file(path, fn):
+    """Apply `fn` to the tensors of `path`'s adapter_model.safetensors and write them back."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file)
+
+
 def check_grads(named_params, ref_grads, route):
     """Every reference grad has a lora_fx tensor of that name with a matching gradient."""
     named = dict(named_params)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, tamper_adapter_file
 
 import lora_fx
 
@@ -130,14 +130,6 @@ def test_reload_of_a_dora_adapter_over_lora_is_refused(tmp_path, inner):
         lora.load_adapter(dora)
 
 
-def _tamper(path, fn):
-    from safetensors.torch import load_file, save_file
-
-    file = path / "adapter_model.safetensors"
-    tensors = load_file(file)
-    fn(tensors)
-    save_file(tensors, file)
-
 
 KEY = "base_model.model.2.lora_B.weight"
 
@@ -152,7 +144,7 @@ def test_bad_values_in_adapter_file_are_refused_naming_the_key(tmp_path, bad, ma
     base = _base()
     _, good = _peft_dir(base, tmp_path, "good", 1, lora_alpha=8)
     _, path = _peft_dir(base, tmp_path, "bad", 2, lora_alpha=8)
-    _tamper(path, bad)
+    tamper_adapter_file(path, bad)
     pattern = rf"'{KEY}' {match}"
     x = torch.randn(2, 8)
     if route == "backend":

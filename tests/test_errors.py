@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import peft_reference, tiny_llama, token_input
+from conftest import peft_reference, tamper_adapter_file, tiny_llama, token_input
 
 import lora_fx
 
@@ -80,19 +80,11 @@ def test_unknown_key_with_a_value_is_refused(tmp_path):
         lora_fx.backend(path)
 
 
-def _tamper(path, fn):
-    from safetensors.torch import load_file, save_file
-
-    file = path / "adapter_model.safetensors"
-    tensors = load_file(file)
-    fn(tensors)
-    save_file(tensors, file)
-
 
 def test_missing_key(tmp_path):
     base, _, path = peft_reference("gpt2", tmp_path)
     key = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
-    _tamper(path, lambda t: t.pop(key))
+    tamper_adapter_file(path, lambda t: t.pop(key))
     with pytest.raises(lora_fx.AdapterFileError, match=f"missing adapter key '{key}'"):
         lora_fx.backend(path).parameters(base)
 
@@ -100,7 +92,7 @@ def test_missing_key(tmp_path):
 def test_extra_key(tmp_path):
     base, _, path = peft_reference("gpt2", tmp_path)
     key = "base_model.model.transformer.h.0.attn.extra.lora_A.weight"
-    _tamper(path, lambda t: t.__setitem__(key, torch.zeros(1)))
+    tamper_adapter_file(path, lambda t: t.__setitem__(key, torch.zeros(1)))
     with pytest.raises(lora_fx.AdapterFileError, match=f"unexpected key '{key}'"):
         lora_fx.transform(torch.export.export(base, (token_input(),)), path)
 
@@ -108,7 +100,7 @@ def test_extra_key(tmp_path):
 def test_shape_mismatch(tmp_path):
     base, _, path = peft_reference("gpt2", tmp_path)
     key = "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
-    _tamper(path, lambda t: t.__setitem__(key, torch.zeros(4, 31)))
+    tamper_adapter_file(path, lambda t: t.__setitem__(key, torch.zeros(4, 31)))
     with pytest.raises(lora_fx.AdapterFileError, match=rf"'{key}' has shape \(4, 31\), the model needs \(4, 32\)"):
         lora_fx.backend(path).parameters(base)
 

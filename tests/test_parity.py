@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, assert_close, peft_adapter_grads, peft_reference
+from conftest import MODELS, assert_close, check_grads, peft_adapter_grads, peft_reference
 
 import lora_fx
 
@@ -21,15 +21,6 @@ def _peft_run(peft_model, x, extract):
     return out, w, peft_adapter_grads(peft_model)
 
 
-def _check_grads(named_params, ref_grads, route):
-    named = dict(named_params)
-    assert set(named) == set(ref_grads), f"{route}: adapter tensors differ from PEFT's: " \
-        f"{sorted(set(named) ^ set(ref_grads))[:5]}"
-    for name, p in named.items():
-        assert p.grad is not None, f"{route}: no gradient for {name}"
-        assert_close(p.grad, ref_grads[name], f"{route}: grad of {name}")
-
-
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_backend_matches_peft(model_name, tmp_path, inner):
     base, peft_model, path = peft_reference(model_name, tmp_path)
@@ -43,7 +34,7 @@ def test_backend_matches_peft(model_name, tmp_path, inner):
     out = extract(torch.compile(base, backend=lora, fullgraph=True)(x))
     assert_close(out, ref, f"{model_name} backend forward")
     (out * w).sum().backward()
-    _check_grads(lora.named_parameters(), ref_grads, f"{model_name} backend")
+    check_grads(lora.named_parameters(), ref_grads, f"{model_name} backend")
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -60,7 +51,7 @@ def test_exported_program_matches_peft(model_name, tmp_path):
     assert_close(out, ref, f"{model_name} transform(ep) forward")
     (out * w).sum().backward()
     named = {n: module.get_parameter(n) for n in ref_grads}
-    _check_grads(named.items(), ref_grads, f"{model_name} transform(ep)")
+    check_grads(named.items(), ref_grads, f"{model_name} transform(ep)")
     frozen = [n for n, p in module.named_parameters() if p.requires_grad and "lora_" not in n]
     assert frozen == [], f"base weights must be frozen, trainable: {frozen[:3]}"
 
@@ -77,7 +68,7 @@ def test_graph_module_matches_peft(model_name, tmp_path):
     out = extract(gm(x))
     assert_close(out, ref, f"{model_name} transform(gm) forward")
     (out * w).sum().backward()
-    _check_grads(gm.lora_fx_adapters_set.named_parameters(), ref_grads, f"{model_name} transform(gm)")
+    check_grads(gm.lora_fx_adapters_set.named_parameters(), ref_grads, f"{model_name} transform(gm)")
 
 
 def test_symbolic_trace_graph_module_matches_peft(tmp_path):
