@@ -305,7 +305,8 @@ class AdapterSet:
             raise AdapterFileError(
                 f"{source}: unexpected key {first!r}"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                + "; the config's target rules select no such layer in this model")
+                + "; the config's target rules select no such layer among the layers this model calls (an adapter "
+                  "of a module that is never called, such as T5's `shared`, has no effect in PEFT either)")
         for full, (t, _, _) in own.items():
             check_adapter_value(full, state[full], tuple(t.shape), source)
         for full, layer in base_values.items():

@@ -410,7 +410,12 @@ class LoraBackend:
                                  provide)
         # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
         work = fx.GraphModule(work, graph)
-        fn = self._compile(work, example_inputs + feeds)
+        # The new inputs' example values are the static-shaped fakes already on their placeholders:
+        # handed real tensors, AOTAutograd would give them symbolic sizes that have no Dynamo
+        # source, and Dynamo then fails to build its guards (seen on a conv adapter).
+        new_inputs = [n for n in work.graph.nodes if n.op == "placeholder"][len(placeholders):]
+        examples = [n.meta.get("val", t) for n, t in zip(new_inputs, feeds, strict=True)]
+        fn = self._compile(work, example_inputs + examples)
         return fn, feeds
 
     def _adopt_sites(self, site_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs) -> None:

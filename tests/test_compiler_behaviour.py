@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import MODELS, assert_close, peft_reference, tiny_llama, token_input
 from torch._dynamo.utils import counters
@@ -129,3 +130,20 @@ def test_inductor_end_to_end(tmp_path):
     lora.parameters(base)
     out = torch.compile(base, backend=lora, fullgraph=True)(x)
     assert_close(out, ref, "inductor convnet", rel=1e-4)
+
+
+@pytest.mark.parametrize("inner_backend", ["aot_eager", "inductor"])
+def test_patch_embedding_conv_adapter_compiles(inner_backend):
+    # ViT's patch embedding: kernel = stride = 8. Handed the adapter tensors as real example
+    # inputs, AOTAutograd gave them source-less symbolic sizes and Dynamo failed building guards.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, kernel_size=8, stride=8))
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False),
+                           inner=inner_backend)
+    lora.parameters(model)
+    x = torch.randn(2, 3, 32, 32)
+    out = torch.compile(model, backend=lora, fullgraph=True)(x)
+    entry = lora.adapters.entries["0"]
+    a, b = entry.tensors["lora_A.weight"], entry.tensors["lora_B.weight"]
+    expected = model(x) + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a, stride=8), b) * 2.0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
