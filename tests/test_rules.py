@@ -109,6 +109,26 @@ def _ids(vocab=64):
     return torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
+def _bert_two_labels():  # the classifier is shaped like token_type_embeddings (2 x hidden): still adapted
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=48, vocab_size=64,
+                                                    max_position_embeddings=16, num_labels=2)).eval()
+
+
+def _bart_lm():  # a scaled (float embed_scale) shared embedding tied to the LM head
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(d_model=32, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=64,
+                                                   max_position_embeddings=32, scale_embedding=True,
+                                                   use_cache=False)).eval()
+
+
 ALL_LINEAR_MODELS = {
     "bert_seq_cls": (_bert_cls, _ids, {}),
     "bert_seq_cls_task": (_bert_cls, _ids, {"task_type": "SEQ_CLS"}),
@@ -117,6 +137,8 @@ ALL_LINEAR_MODELS = {
     "llama_untied_head": (tiny_llama, lambda: _ids(128), {}),
     "gpt2_tied_head": (tiny_gpt2, lambda: _ids(128), {}),
     "gemma2_softcapped_head": (_gemma2_softcapped, _ids, {}),
+    "bert_two_labels": (_bert_two_labels, _ids, {}),
+    "bart_tied_scaled_lm": (_bart_lm, _ids, {}),
 }
 
 

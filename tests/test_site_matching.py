@@ -95,6 +95,38 @@ def test_subclasses_of_adaptable_layers_are_sites(tmp_path, route):
         check_grads(named, ref_grads, route)
 
 
+def _bart(name):
+    from transformers import BartConfig, BartModel, M2M100Config, M2M100Model
+
+    torch.manual_seed(0)
+    common = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                  encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=64, max_position_embeddings=32, dropout=0.0,
+                  use_cache=False)
+    if name == "bart":
+        return BartModel(BartConfig(scale_embedding=True, **common)).eval()
+    return M2M100Model(M2M100Config(**common)).eval()
+
+
+@pytest.mark.parametrize("name", ["bart", "m2m100"])
+@pytest.mark.parametrize("route", ["program", "backend"])
+def test_embedding_scaled_by_a_float_embed_scale_matches_peft(tmp_path, name, route):
+    # BART's family multiplies the lookup by a float `embed_scale` (sqrt(32): not a power of two);
+    # PEFT multiplies its delta by it as well, so adapting at the lookup is the same.
+    base = _bart(name)
+    peft_model, path = peft_adapter(base, tmp_path, r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
+    x = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = {"decoder_input_ids": torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        ref = peft_model(x, **kw).last_hidden_state
+        if route == "backend":
+            lora = lora_fx.backend(path, inner="aot_eager")
+            lora.parameters(base)
+            out = torch.compile(base, backend=lora, fullgraph=True)(x, **kw).last_hidden_state
+        else:
+            out = lora_fx.transform(torch.export.export(base, (x,), kw), path).module()(x, **kw).last_hidden_state
+    assert_close(out, ref, f"{name} {route}")
+
+
 def test_a_local_class_that_is_not_a_layer_is_not_a_site():
     class Gate(nn.Module):  # reads a parameter named `weight` with F.linear, but is no nn.Linear
         def __init__(self):

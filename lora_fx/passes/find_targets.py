@@ -282,7 +282,7 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
     layer = LayerInfo(name=name, kind=kind, class_name=class_name, has_bias=isinstance(parsed.bias, fx.Node),
                       weight_dtype=w.dtype, weight_device=str(w.device), **dims, **extras)
     if entry is not None:
-        problem = _placement_problem(node, parsed, name, state_names, scopes.get(_stack_key(node), []))
+        problem = _placement_problem(node, parsed, name, cls, state_names, scopes.get(_stack_key(node), []))
         if problem is not None:
             return replace(layer, unsupported=f"its class {class_name} {problem}")
     return TargetSite(layer, parsed.input_index, weight_name)
@@ -294,12 +294,12 @@ _VIEWS = {"view", "reshape", "_unsafe_view", "expand", "squeeze", "unsqueeze", "
 _CASTS = {"to", "_to_copy", "type_as", "float", "half", "bfloat16", "type"}
 
 
-def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, state_names: dict[str, str],
+def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, cls, state_names: dict[str, str],
                        scope: list[fx.Node]) -> str | None:
     """Why the adapter added at `op` would not equal PEFT's adapter added to the module's output
     (computed from its input), or None: the activation path through the module call, in `scope`,
     must hold only views, the add of the layer's own bias, or (embedding) the multiply by its
-    `embed_scale`."""
+    `embed_scale` (PEFT scales its delta by a module's `embed_scale`, buffer or number)."""
     in_scope = {n for n in scope if not has_mark(n, ADAPTER)}  # an adapter's own nodes are not the module's
     x = op.args[parsed.input_index] if len(op.args) > parsed.input_index else None
     upstream, cur = [], x
@@ -322,12 +322,24 @@ def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, state_names:
         others = [a for a in n.args if isinstance(a, fx.Node) and a not in downstream and a is not op]
         if name == "add" and len(others) == 1 and _state_name(others[0], state_names) == f"{layer}.bias":
             continue
-        if name == "mul" and parsed.kind == EMBEDDING and len(others) == 1 \
-                and (_state_name(_uncast(others[0]), state_names) or "").endswith(".embed_scale"):
+        if name == "mul" and parsed.kind == EMBEDDING and _is_embed_scale(n, others, cls, state_names):
             continue
         return (f"computes {name} on the {parsed.kind} op's output inside its forward; PEFT adds the adapter to "
                 "the module's output, lora_fx adds it at the op, so the two would differ")
     return None
+
+
+def _is_embed_scale(mul: fx.Node, others: list, cls, state_names: dict[str, str]) -> bool:
+    """`mul` multiplies by the module's `embed_scale`: a buffer of that name, or a number when the
+    module's class sets an `embed_scale` attribute (BART's family keeps it as a float)."""
+    if len(others) == 1:
+        return (_state_name(_uncast(others[0]), state_names) or "").endswith(".embed_scale")
+    scalars = [a for a in mul.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if others or len(scalars) != 1:
+        return False
+    klass = resolve_class(cls) if isinstance(cls, str) else cls
+    init = getattr(getattr(klass, "__init__", None), "__code__", None)
+    return init is not None and "embed_scale" in init.co_names
 
 
 def _uncast(node: fx.Node) -> fx.Node:
@@ -467,26 +479,38 @@ def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
 
 def output_layer_names_of_graph(site_nodes: list[fx.Node]) -> set[str]:
     """The layers `"all-linear"` leaves out when no model object is at hand: a linear layer that
-    feeds no other adaptable layer (an output layer) and whose weight is tied to, or shaped like,
-    an input embedding's (the LM head `get_output_embeddings()` returns). A classifier head is
-    not one: PEFT adapts it (unless `task_type="SEQ_CLS"`, see rules.py). With a model at hand,
-    `layers.output_layer_names` (PEFT's own rule) is used instead."""
+    feeds no other adaptable layer (an output layer) and whose weight is tied to an embedding's or
+    shaped like the vocabulary (the largest embedding): the LM head `get_output_embeddings()`
+    returns. A classifier head is not one: PEFT adapts it (unless `task_type="SEQ_CLS"`, see
+    rules.py). With a model at hand, `layers.output_layer_names` (PEFT's own rule) is used instead."""
     if not site_nodes:
         return set()
-    embeddings = [n for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING]
+    graph = site_nodes[0].graph
+    # Every embedding call, adaptable or refused (BART's scaled embedding may be refused and still
+    # be the vocabulary the LM head mirrors).
+    embeddings = [n for n in graph.nodes
+                  if (n.meta.get(SITE_KEY) or n.meta.get(REFUSED_KEY)) is not None
+                  and _layer_of(n).kind == EMBEDDING]
     if not embeddings:
         return set()
     tied = {weight_node(n) for n in embeddings} - {None}
-    shapes = {(n.meta[SITE_KEY].layer.in_features, n.meta[SITE_KEY].layer.out_features) for n in embeddings}
+    # The vocabulary is the largest embedding: a head shaped like a small one (BERT's two token
+    # types, a 2-label classifier) is not an LM head.
+    vocab = max((_layer_of(n).in_features, _layer_of(n).out_features) for n in embeddings)
     feeds_a_site = _feeds_a_site(site_nodes)
     out = set()
     for node in site_nodes:
         layer = node.meta[SITE_KEY].layer
         if layer.kind not in LINEAR_KINDS or feeds_a_site[node]:
             continue
-        if weight_node(node) in tied or (layer.out_features, layer.in_features) in shapes:
+        if weight_node(node) in tied or (layer.out_features, layer.in_features) == vocab:
             out.add(layer.name)
     return out
+
+
+def _layer_of(node: fx.Node) -> LayerInfo:
+    site = node.meta.get(SITE_KEY)
+    return site.layer if site is not None else node.meta[REFUSED_KEY]
 
 
 def _feeds_a_site(site_nodes: list[fx.Node]) -> dict[fx.Node, bool]:
