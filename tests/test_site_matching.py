@@ -159,13 +159,14 @@ class PaddedConv(nn.Conv1d):
     (HalfLinear(4, 4), torch.randn(2, 4), r"'0'.*HalfLinear computes mul on the linear op's output"),
     (PaddedConv(4, 4, 3), torch.randn(2, 4, 5), r"'0'.*PaddedConv transforms its input \(constant_pad_nd|pad\)"),
 ])
-@pytest.mark.parametrize("route", ["program", "backend_attached", "backend_unattached"])
+@pytest.mark.parametrize("route", ["program", "symbolic_trace", "backend_attached", "backend_unattached"])
 def test_subclass_whose_forward_does_more_than_the_op_is_refused(layer, x, match, route):
     net = nn.Sequential(layer, nn.ReLU())
     cfg = lora_fx.LoraConfig(r=2, target_modules=["0"])
-    if route == "program":
+    if route in ("program", "symbolic_trace"):  # symbolic_trace graphs carry no values: checked all the same
+        graph = torch.export.export(net, (x,)) if route == "program" else torch.fx.symbolic_trace(net)
         with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
-            lora_fx.transform(torch.export.export(net, (x,)), cfg)
+            lora_fx.transform(graph, cfg)
         return
     lora = lora_fx.backend(cfg, inner="aot_eager")
     if route == "backend_attached":
@@ -276,3 +277,39 @@ def test_unquantized_layers_of_a_quantized_model_still_adapt(llama_4bit_dir):
     hidden = model.model(x).last_hidden_state
     delta = hidden @ entry.tensors["lora_A.weight"].t() @ entry.tensors["lora_B.weight"].t() * entry.resolved.scaling
     assert_close(out, base + delta, "lm_head adapter on a 4-bit model")
+
+
+def test_a_class_this_process_has_not_imported_is_refused_not_guessed(tmp_path):
+    # Export records `pkg.Router` as a string; in a process that never imported `pkg` lora_fx cannot
+    # tell a Linear subclass from a module that merely calls F.linear on its own weight.
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "routerpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch\n"
+        "class Router(torch.nn.Module):  # not a Linear: PEFT never adapts it\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.weight = torch.nn.Parameter(torch.randn(4, 8))\n"
+        "    def forward(self, x):\n"
+        "        return torch.nn.functional.linear(x, self.weight)\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.router = Router(); self.fc = torch.nn.Linear(8, 8)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x).sum(-1, keepdim=True) * self.router(x)\n")
+    save = ("import sys, torch, lora_fx; sys.path.insert(0, sys.argv[1]); from routerpkg import M\n"
+            "ep = torch.export.export(M(), (torch.randn(2, 8),)); torch.export.save(ep, sys.argv[2])\n"
+            "cfg = lora_fx.LoraConfig(r=2, target_modules='all-linear')\n"
+            "print(sorted(lora_fx.transform(ep, cfg).lora_fx_adapters.entries))\n")
+    load = ("import sys, torch, lora_fx; ep = torch.export.load(sys.argv[2])\n"
+            "cfg = lora_fx.LoraConfig(r=2, target_modules='all-linear')\n"
+            "try:\n    lora_fx.transform(ep, cfg); print('accepted')\n"
+            "except lora_fx.UnsupportedFeatureError as e:\n    print('refused:', e)\n")
+    program = str(tmp_path / "m.pt2")
+    run = [sys.executable, "-c"]
+    out = subprocess.run([*run, save, str(tmp_path), program], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['fc']"
+    out = subprocess.run([*run, load, str(tmp_path), program], capture_output=True, text=True, check=True).stdout
+    assert "refused: target rules select layer 'router'" in out and "import routerpkg" in out, out

@@ -12,9 +12,10 @@ What it matches, in any of the graphs lora_fx sees:
 A call is a site only if the innermost module on its `nn_module_stack` is an adaptable layer
 of the op's kind (PEFT adapts modules, not functional calls), subclasses included; the layer's
 name is that module's path. Export records module classes as strings: they are imported to
-read their base classes, and a class that cannot be imported (a local class) counts when the
-call reads that module's own `weight`. Tied weights therefore adapt by module: GPT-2's
-`lm_head` and `wte` share a weight but are separate sites.
+read their base classes; a local class (`<locals>`, never importable) counts when the call
+reads that module's own `weight`, and another class whose module is not imported in this process
+is refused by name if targeted (the answer must not depend on what happens to be imported).
+Tied weights adapt by module: GPT-2's `lm_head` and `wte` share a weight but are separate sites.
 
 The adapter is added at the op, which is where PEFT's "module output + delta(module input)" lands
 only if the module does nothing else to its activations. So a call is a site only if, within
@@ -265,9 +266,12 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
     entry = _module_stack_entry(node)
+    unresolved = False
     if entry is not None:
         name, cls = entry
-        if _layer_kind(cls, name, weight_name, kind) != kind:
+        layer_kind = _layer_kind(cls, name, weight_name, kind)
+        unresolved = layer_kind == UNRESOLVED
+        if layer_kind != kind and not unresolved:
             return None
         class_name = class_qualname(cls)
     else:
@@ -281,6 +285,10 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
         dims = dict(in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]))
     layer = LayerInfo(name=name, kind=kind, class_name=class_name, has_bias=isinstance(parsed.bias, fx.Node),
                       weight_dtype=w.dtype, weight_device=str(w.device), **dims, **extras)
+    if unresolved:
+        return replace(layer, unsupported=(
+            f"its class {class_name} is not imported in this process, so lora_fx cannot tell whether it is a "
+            f"{kind} layer; import {class_name.rsplit('.', 1)[0]} before transforming"))
     if entry is not None:
         problem = _placement_problem(node, parsed, name, cls, state_names, scopes.get(_stack_key(node), []))
         if problem is not None:
@@ -349,8 +357,17 @@ def _uncast(node: fx.Node) -> fx.Node:
     return node
 
 
+_NON_TENSOR = {"size", "dim", "numel", "stride", "getattr", "sym_size", "sym_numel", "sym_stride",
+               "_assert_tensor_metadata"}
+
+
 def _is_tensor(node: fx.Node) -> bool:
-    return isinstance(node_value(node), torch.Tensor)
+    """Whether the node computes a tensor: from its value where the graph has values; else (a
+    `symbolic_trace` graph) anything but a size query counts."""
+    val = node_value(node)
+    if val is not None:
+        return isinstance(val, torch.Tensor)
+    return _target_name(node) not in _NON_TENSOR
 
 
 def _stack_key(node: fx.Node) -> str | None:
@@ -360,13 +377,19 @@ def _stack_key(node: fx.Node) -> str | None:
 
 
 def _layer_kind(cls, module_path: str, weight_name: str, call_kind: str) -> str | None:
-    """The site kind of the module a call runs in: by its class (base classes included); for a
-    class export recorded by a name that cannot be imported, by what the call computes on that
-    module's own weight."""
+    """The site kind of the module a call runs in: by its class (base classes included). A class
+    export recorded by a name that does not resolve here counts by what the call computes on the
+    module's own weight if it is a local class (`<locals>`: it never resolves, in any process);
+    otherwise the answer would depend on what this process imported, so it is `UNRESOLVED`."""
     kind = kind_of_class(cls)
-    if kind is None and isinstance(cls, str) and resolve_class(cls) is None and weight_name == f"{module_path}.weight":
-        return call_kind
-    return kind
+    if kind is not None or not isinstance(cls, str) or resolve_class(cls) is not None:
+        return kind
+    if weight_name != f"{module_path}.weight":
+        return None
+    return call_kind if "<locals>" in cls else UNRESOLVED
+
+
+UNRESOLVED = "unresolved"
 
 
 def _site_of_module_call(gm: fx.GraphModule, node: fx.Node) -> TargetSite | None:
