@@ -28,7 +28,7 @@ from torch.export.graph_signature import ExportGraphSignature
 from .adapters import AdapterSet
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
-from .passes.find_targets import SITE_KEY, bias_node, weight_node
+from .passes.find_targets import SITE_KEY
 from .passes.merge_adapters import (
     MergedLayer,
     check_mergeable,
@@ -137,12 +137,9 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
     check_mergeable(adapters, sites)
     check_untied(sites)
     record = MergeRecord(adapters, bool(getattr(ep, "lora_fx_train", False)), originals={} if keep_original else None)
-    state_names = {**sig.inputs_to_buffers, **sig.inputs_to_parameters}
     new_values = {}
     for layer, calls in sites.items():
-        weight_key = calls[0].meta[SITE_KEY].weight
-        bias = bias_node(calls[0])
-        bias_key = state_names.get(bias.name) if bias is not None else None
+        weight_key, bias_key = calls[0].meta[SITE_KEY].weight, calls[0].meta[SITE_KEY].bias
         m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
                          ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
         changed = {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}
@@ -246,8 +243,8 @@ def _paths_of(call: fx.Node) -> tuple[str, str | None]:
     call_module site (its parameters are replaced together), else the get_attr targets."""
     if call.op == "call_module":
         return call.target, None
-    bias = bias_node(call)
-    return weight_node(call).target, (bias.target if bias is not None and bias.op == "get_attr" else None)
+    site = call.meta[SITE_KEY]
+    return site.weight, site.bias
 
 
 def _with_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -313,3 +313,27 @@ def test_a_class_this_process_has_not_imported_is_refused_not_guessed(tmp_path):
     assert out.strip().splitlines()[-1] == "['fc']"
     out = subprocess.run([*run, load, str(tmp_path), program], capture_output=True, text=True, check=True).stdout
     assert "refused: target rules select layer 'router'" in out and "import routerpkg" in out, out
+
+
+def test_decomposed_linear_on_a_transposed_input_keeps_its_bias_for_merging(tmp_path):
+    # A Linear on a non-contiguous 3-D input decomposes to bmm(x, Wᵀ) and a separate add of the
+    # bias; the site must still know its bias, or a lora_bias merge is refused as "no bias".
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.fc(x.transpose(1, 2))
+
+    torch.manual_seed(0)
+    base = Net().eval()
+    peft_model, path = peft_adapter(base, tmp_path, r=2, lora_alpha=4, target_modules=["fc"], lora_bias=True)
+    x = torch.randn(2, 6, 4)
+    with torch.no_grad():
+        ref = peft_model.merge_and_unload()(x)
+    dec = torch.export.export(base, (x,)).run_decompositions()
+    assert any(n.target is torch.ops.aten.bmm.default for n in dec.graph.nodes)
+    merged = lora_fx.merge(lora_fx.transform(dec, path))
+    with torch.no_grad():
+        assert_close(merged.module()(x), ref, "merged decomposed bmm + bias")

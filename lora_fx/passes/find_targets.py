@@ -64,11 +64,15 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class TargetSite:
     """An adaptable call: `node.args[input_index]` is the layer input (`None` for call_module,
-    whose input is `args[0]`); `weight` names the weight (parameter FQN or get_attr target)."""
+    whose input is `args[0]`); `weight` names the weight (parameter FQN or get_attr target),
+    `bias` the bias the layer adds, if any."""
 
     layer: LayerInfo
     input_index: int
     weight: str
+    # The bias the layer adds: an argument of the call, or a separate add of the layer's own bias
+    # after it (a decomposed 3-D linear: bmm, then add); FQN or get_attr target.
+    bias: str | None = None
 
 
 # -- op table ---------------------------------------------------------------------------------
@@ -283,6 +287,7 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
     else:
         groups = extras["groups"]
         dims = dict(in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]))
+    bias = _state_name(parsed.bias, state_names) if isinstance(parsed.bias, fx.Node) else None
     layer = LayerInfo(name=name, kind=kind, class_name=class_name, has_bias=isinstance(parsed.bias, fx.Node),
                       weight_dtype=w.dtype, weight_device=str(w.device), **dims, **extras)
     if unresolved:
@@ -290,10 +295,13 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
             f"its class {class_name} is not imported in this process, so lora_fx cannot tell whether it is a "
             f"{kind} layer; import {class_name.rsplit('.', 1)[0]} before transforming"))
     if entry is not None:
-        problem = _placement_problem(node, parsed, name, cls, state_names, scopes.get(_stack_key(node), []))
+        problem, added_bias = _placement_problem(node, parsed, name, cls, state_names,
+                                                 scopes.get(_stack_key(node), []))
         if problem is not None:
             return replace(layer, unsupported=f"its class {class_name} {problem}")
-    return TargetSite(layer, parsed.input_index, weight_name)
+        if bias is None and added_bias is not None:
+            bias, layer = added_bias, replace(layer, has_bias=True)
+    return TargetSite(layer, parsed.input_index, weight_name, bias)
 
 
 # Ops that only re-view an activation: the adapter commutes with them.
@@ -303,11 +311,12 @@ _CASTS = {"to", "_to_copy", "type_as", "float", "half", "bfloat16", "type"}
 
 
 def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, cls, state_names: dict[str, str],
-                       scope: list[fx.Node]) -> str | None:
-    """Why the adapter added at `op` would not equal PEFT's adapter added to the module's output
-    (computed from its input), or None: the activation path through the module call, in `scope`,
-    must hold only views, the add of the layer's own bias, or (embedding) the multiply by its
-    `embed_scale` (PEFT scales its delta by a module's `embed_scale`, buffer or number)."""
+                       scope: list[fx.Node]) -> tuple[str | None, str | None]:
+    """(why the adapter added at `op` would not equal PEFT's adapter added to the module's output
+    (computed from its input), or None; the layer's own bias if the module adds it after the op).
+    The activation path through the module call, in `scope`, must hold only views, the add of the
+    layer's own bias, or (embedding) the multiply by its `embed_scale` (PEFT scales its delta by a
+    module's `embed_scale`, buffer or number)."""
     in_scope = {n for n in scope if not has_mark(n, ADAPTER)}  # an adapter's own nodes are not the module's
     x = op.args[parsed.input_index] if len(op.args) > parsed.input_index else None
     upstream, cur = [], x
@@ -322,19 +331,21 @@ def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, cls, state_n
                 todo.append(user)
     for n in upstream:
         if _target_name(n) not in _VIEWS:
-            return f"transforms its input ({_target_name(n)}) before the {parsed.kind} op"
+            return f"transforms its input ({_target_name(n)}) before the {parsed.kind} op", None
+    added_bias = None
     for n in downstream:
         name = _target_name(n)
         if name in _VIEWS:
             continue
         others = [a for a in n.args if isinstance(a, fx.Node) and a not in downstream and a is not op]
         if name == "add" and len(others) == 1 and _state_name(others[0], state_names) == f"{layer}.bias":
+            added_bias = f"{layer}.bias"
             continue
         if name == "mul" and parsed.kind == EMBEDDING and _is_embed_scale(n, others, cls, state_names):
             continue
         return (f"computes {name} on the {parsed.kind} op's output inside its forward; PEFT adds the adapter to "
-                "the module's output, lora_fx adds it at the op, so the two would differ")
-    return None
+                "the module's output, lora_fx adds it at the op, so the two would differ"), None
+    return None, added_bias
 
 
 def _is_embed_scale(mul: fx.Node, others: list, cls, state_names: dict[str, str]) -> bool:
@@ -397,7 +408,7 @@ def _site_of_module_call(gm: fx.GraphModule, node: fx.Node) -> TargetSite | None
     layer = layer_of_module(node.target, module)
     if layer is None:
         return None
-    return TargetSite(layer, 0, f"{node.target}.weight")
+    return TargetSite(layer, 0, f"{node.target}.weight", f"{node.target}.bias" if layer.has_bias else None)
 
 
 def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) -> list[fx.Node]:
