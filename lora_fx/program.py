@@ -67,11 +67,12 @@ def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
 
 
 def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights,
-                   saved_reads: list[fx.Node], original: Callable[[fx.Node], torch.Tensor]) -> AdapterSet:
+                   saved_reads: list[fx.Node], original: Callable[[fx.Node], torch.Tensor],
+                   state_names: dict[str, str] | None = None) -> AdapterSet:
     """Adapters for the layers `cfg` targets in `gm` and copies of the modules it saves in full,
     loaded from `pending` (a PEFT state dict) if given; base weights saved with it go to `base`,
     whose values also initialise variants that depend on them."""
-    resolved = resolve(graph_layers(gm, site_nodes), cfg, output_layer_names_of_graph(site_nodes))
+    resolved = resolve(graph_layers(gm, site_nodes, state_names), cfg, output_layer_names_of_graph(site_nodes))
     adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype,
                                  weights={layer: base.get(layer) for layer in resolved})
     for node in saved_reads:
@@ -191,7 +192,8 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     gm, sig = _copy_program_graph(ep)
     graph = gm.graph
     _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
-    site_nodes = find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})
+    state_names = {**sig.inputs_to_buffers, **sig.inputs_to_parameters}
+    site_nodes = find_targets(gm, state_names)
     weights = dict(weights or {})
     state_kind = program_state_kind(sig)
     saved = _saved_modules(gm, cfg, adapters)
@@ -204,7 +206,8 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     if adapters is None:
         base = NamedWeights(site_weight_names(site_nodes), lambda key: weights.get(key, ep.state_dict[key]),
                             lambda key, value: weights.__setitem__(key, _frozen(value)))
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original)
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
+                                  state_names)
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

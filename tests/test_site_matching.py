@@ -337,3 +337,43 @@ def test_decomposed_linear_on_a_transposed_input_keeps_its_bias_for_merging(tmp_
     merged = lora_fx.merge(lora_fx.transform(dec, path))
     with torch.no_grad():
         assert_close(merged.module()(x), ref, "merged decomposed bmm + bias")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False))
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.cond(x.sum() > 0, lambda v: self.inner(v), lambda v: v * 2.0, (x,)))
+
+
+@pytest.mark.parametrize("route", ["checkpoint_attached", "checkpoint_unattached", "cond_program"])
+def test_a_layer_inside_a_higher_order_op_is_refused_not_skipped(route):
+    # Activation checkpointing and torch.cond put the layer's call in a subgraph; until the passes
+    # recurse into subgraphs (the site-model issue), targeting it must be an error, not base output.
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["inner"])
+    match = r"'inner'.*inside the subgraph of a higher-order op"
+    x = torch.randn(4, 8)
+    if route == "cond_program":
+        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
+            lora_fx.transform(torch.export.export(Branching(), (x,)), cfg)
+        lora_fx.transform(torch.export.export(Branching(), (x,)), lora_fx.LoraConfig(r=2, target_modules=["out"]))
+        return
+    model = Checkpointed()
+    lora = lora_fx.backend(cfg, inner="aot_eager")
+    if route == "checkpoint_attached":
+        lora.parameters(model)
+    with raised_while_compiling(lora_fx.UnsupportedFeatureError, match):
+        torch.compile(model, backend=lora, fullgraph=True)(x)

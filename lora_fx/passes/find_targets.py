@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -470,12 +471,17 @@ def weight_readers(weight: fx.Node) -> set[fx.Node]:
     return readers
 
 
-def unmatched_layers(gm: fx.GraphModule, site_nodes: list[fx.Node]) -> list[LayerInfo]:
+def unmatched_layers(gm: fx.GraphModule, site_nodes: list[fx.Node],
+                     state_names: dict[str, str] | None = None) -> list[LayerInfo]:
     """Adaptable modules (by class) whose code runs in `gm` but none of whose calls is a site:
-    e.g. a bitsandbytes `Linear4bit` (a Linear subclass whose matmul reads a packed 4-bit weight).
-    Each is described with `unsupported` set, so targeting it is an error, never a silent skip."""
+    e.g. a bitsandbytes `Linear4bit` (a Linear subclass whose matmul reads a packed 4-bit weight),
+    or a layer called inside a higher-order op's subgraph. Each is described with `unsupported`
+    set, so targeting it is an error, never a silent skip."""
     found = {n.meta[SITE_KEY].layer.name for n in site_nodes}
     out: dict[str, LayerInfo] = {}
+    for layer in _subgraph_layers(gm, lambda node: _state_name(node, state_names or {})):
+        if layer.name not in found:
+            out.setdefault(layer.name, layer)
     for node in gm.graph.nodes:
         refused = node.meta.get(REFUSED_KEY)
         if refused is not None and refused.name not in found:
@@ -492,14 +498,68 @@ def unmatched_layers(gm: fx.GraphModule, site_nodes: list[fx.Node]) -> list[Laye
     return list(out.values())
 
 
+def _subgraph_layers(gm: fx.GraphModule, name_of: Callable[[fx.Node], str | None]) -> list[LayerInfo]:
+    """The adaptable calls inside the subgraphs of higher-order ops (activation checkpointing,
+    `torch.cond`, `while_loop`, `scan`, ...), recursively. A layer is named by its module stack
+    where the subgraph keeps one (Dynamo), else through the subgraph's inputs: they are the
+    operands of the higher-order call, in order, which lead back to the parameter's name."""
+    out = []
+    for call in gm.graph.nodes:
+        if call.op != "call_function":
+            continue
+        flat = _flat_nodes((call.args, call.kwargs))
+        bodies = [a for a in flat if a.op == "get_attr" and isinstance(attr_at(gm, a.target), fx.GraphModule)]
+        if not bodies:
+            continue
+        # The operands come after the subgraph arguments (cond's predicate comes before them).
+        operands = flat[max(flat.index(b) for b in bodies) + 1:]
+        for body_node in bodies:
+            body = attr_at(gm, body_node.target)
+            inputs = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], operands, strict=False))
+
+            def inner_name(node, inputs=inputs):
+                outer = inputs.get(node)
+                return name_of(outer) if outer is not None else None
+
+            out += _subgraph_layers(body, inner_name)
+            for node in body.graph.nodes:
+                parsed = _parse_call(node) if node.op in ("call_function", "call_method") else None
+                if parsed is None or not isinstance(parsed.weight, fx.Node):
+                    continue
+                entry = _module_stack_entry(node)
+                if entry is not None and kind_of_class(entry[1]) == parsed.kind:
+                    name = entry[0]
+                else:
+                    weight_name = inner_name(parsed.weight)
+                    if weight_name is None or not weight_name.endswith(".weight"):
+                        continue
+                    name = weight_name[: -len(".weight")]
+                out.append(LayerInfo(name=name, kind=parsed.kind, in_features=0, out_features=0, unsupported=(
+                    f"it is called inside the subgraph of a higher-order op ({call.target}: activation "
+                    "checkpointing, torch.cond, while_loop, scan), and lora_fx does not adapt layers there yet")))
+    return out
+
+
+def _flat_nodes(value) -> list[fx.Node]:
+    """The nodes in a (nested) argument structure, in order, repeats kept."""
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _flat_nodes(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _flat_nodes(v)]
+    return []
+
+
 def unsupported_reason(class_name: str) -> str:
     return (f"its class {class_name} computes with a weight lora_fx cannot adapt (quantized, or not a parameter "
             "the graph reads directly); QLoRA and quantized bases are not supported yet")
 
 
-def graph_layers(gm: fx.GraphModule, site_nodes: list[fx.Node]) -> list[LayerInfo]:
+def graph_layers(gm: fx.GraphModule, site_nodes: list[fx.Node],
+                 state_names: dict[str, str] | None = None) -> list[LayerInfo]:
     """Every layer the rules may target in `gm`: the sites' layers, then the unmatched ones."""
-    return site_layers(site_nodes) + unmatched_layers(gm, site_nodes)
+    return site_layers(site_nodes) + unmatched_layers(gm, site_nodes, state_names)
 
 
 def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
