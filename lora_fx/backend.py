@@ -41,7 +41,7 @@ from .passes.substitute_saved_modules import (
     select_saved_modules,
     substitute_saved_modules,
 )
-from .rules import resolve
+from .rules import refuse_fused_experts, resolve
 
 Spec = LoraConfig | str | os.PathLike
 
@@ -139,6 +139,7 @@ class LoraBackend:
                 "this model is already attached to another lora_fx backend; two backends on one model would fight "
                 "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
                 "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
+        refuse_fused_experts(self.config, ((n, tuple(p.shape)) for n, p in model.named_parameters()))
         resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
         self._saved_paths = select_saved_modules(self.config.saved_module_names(),
                                                  [name for name, _ in model.named_modules()])
@@ -420,6 +421,10 @@ class LoraBackend:
 
     def _adopt_sites(self, site_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs) -> None:
         """No model attached: create (or load) adapters for the layers this graph holds."""
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        refuse_fused_experts(self.config, [
+            (kind[1], tuple(value.shape)) for node, value in zip(placeholders, example_inputs, strict=False)
+            if (kind := self._state_kind(node)) is not None and isinstance(value, torch.Tensor)])
         layers = graph_layers(gm, site_nodes)
         resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
                            require_match=not len(self.adapters))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,7 @@ from .passes.substitute_saved_modules import (
     select_saved_modules,
     substitute_saved_modules,
 )
-from .rules import resolve
+from .rules import refuse_fused_experts, resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
 
@@ -68,10 +68,12 @@ def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
 
 def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights,
                    saved_reads: list[fx.Node], original: Callable[[fx.Node], torch.Tensor],
-                   state_names: dict[str, str] | None = None) -> AdapterSet:
+                   parameters: Iterable[tuple[str, torch.Tensor]], state_names: dict[str, str] | None = None,
+                   ) -> AdapterSet:
     """Adapters for the layers `cfg` targets in `gm` and copies of the modules it saves in full,
     loaded from `pending` (a PEFT state dict) if given; base weights saved with it go to `base`,
     whose values also initialise variants that depend on them."""
+    refuse_fused_experts(cfg, [(name, tuple(value.shape)) for name, value in parameters])
     resolved = resolve(graph_layers(gm, site_nodes, state_names), cfg, output_layer_names_of_graph(site_nodes))
     adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype,
                                  weights={layer: base.get(layer) for layer in resolved})
@@ -207,7 +209,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         base = NamedWeights(site_weight_names(site_nodes), lambda key: weights.get(key, ep.state_dict[key]),
                             lambda key, value: weights.__setitem__(key, _frozen(value)))
         adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
-                                  state_names)
+                                  ep.state_dict.items(), state_names)
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -326,7 +328,8 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     if adapters is None:
         base = NamedWeights(site_weight_names(site_nodes), lambda path: attr_at(gm, path),
                             lambda path, value: install_attr(gm, gm_in, path, _frozen(value)))
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original)
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
+                                  gm.named_parameters())
     container = nn.Module()
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import ALL_LINEAR, LoraConfig
@@ -117,6 +118,29 @@ def resolve(layers: list[LayerInfo], cfg: LoraConfig, output_layers: set[str] = 
     if require_match and not out:
         raise TargetNotFoundError(_no_match_message(layers, cfg))
     return out
+
+
+# PEFT's names for fused MoE expert weights (3-D parameters); on such models its "all-linear" also
+# adapts them, through target_parameters.
+FUSED_EXPERT_SUFFIXES = (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj")
+
+
+def refuse_fused_experts(cfg: LoraConfig, parameters: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+    """With `"all-linear"`, refuse a model with fused expert parameters: PEFT would adapt those as
+    well (`target_parameters`), lora_fx cannot yet, and adapting only the linears would differ.
+
+    Raises:
+        UnsupportedFeatureError: naming the first such parameter.
+    """
+    tm = cfg.target_modules
+    if not (isinstance(tm, str) and tm.lower() == ALL_LINEAR):
+        return
+    for name, shape in parameters:
+        if len(shape) == 3 and name.endswith(FUSED_EXPERT_SUFFIXES):
+            raise UnsupportedFeatureError(
+                f"target_modules='all-linear' on a model with fused expert parameters ({name!r}, shape "
+                f"{tuple(shape)}): PEFT's all-linear adapts those too (target_parameters), which lora_fx does not "
+                "support yet; name the layers to adapt instead (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'])")
 
 
 def resolve_layer(layer: LayerInfo, cfg: LoraConfig) -> Resolved:

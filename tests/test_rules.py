@@ -162,3 +162,36 @@ def test_all_linear_leaves_out_what_peft_leaves_out(name, route):
         torch.compile(model, backend=lora, fullgraph=True)(x)
         got = set(lora.adapters.entries)
     assert got == expected, f"only lora_fx: {sorted(got - expected)}, only PEFT: {sorted(expected - got)}"
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                            num_experts_per_tok=2, vocab_size=64, use_cache=False)).eval()
+
+
+@pytest.mark.parametrize("route", ["module", "program", "backend_unattached"])
+def test_all_linear_on_fused_experts_is_refused_not_narrowed(route):
+    # PEFT's all-linear on an MoE model of transformers 5 also adapts the fused 3-D expert weights
+    # (target_parameters); adapting only the linears would silently differ.
+    from conftest import raised_while_compiling
+
+    model = _mixtral()
+    cfg = lora_fx.LoraConfig(r=2, target_modules="all-linear")
+    match = r"all-linear' on a model with fused expert parameters \('model.layers.0.mlp.experts"
+    x = _ids()
+    if route == "module":
+        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
+            lora_fx.backend(cfg).parameters(model)
+    elif route == "program":
+        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
+            lora_fx.transform(torch.export.export(model, (x,)), cfg)
+    else:
+        with raised_while_compiling(lora_fx.UnsupportedFeatureError, match):
+            torch.compile(model, backend=lora_fx.backend(cfg, inner="aot_eager"))(x)
+    named = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), inner="aot_eager")
+    named.parameters(model)  # naming the layers works
+    assert len(named.adapters) == 2
