@@ -5,11 +5,12 @@ Public API:
     the errors.
 """
 
+from .adapter_files import load_adapter, save_adapter
 from .backend import LoraBackend, backend
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .merging import merge, unmerge
-from .program import load_adapter, save_adapter, transform
+from .program import transform
 
 __all__ = [
     "AdapterFileError", "ConfigError", "LoraBackend", "LoraConfig", "LoraFxError", "TargetNotFoundError",

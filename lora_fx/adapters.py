@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from . import variants
-from .config import LoraConfig
-from .errors import AdapterFileError, LoraFxError
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AdapterFileError, LoraFxError, UnsupportedFeatureError
 from .rules import Resolved, resolve_layer
 
 PEFT_PREFIX = "base_model.model."
@@ -323,6 +323,23 @@ class AdapterSet:
                 base.set(layer, state[full].to(dtype=current.dtype, device=current.device))
         return extra
 
+    def config_to_save(self) -> dict[str, Any]:
+        """The config as PEFT saves it: `"all-linear"` expanded to the layer names it chose,
+        `modules_to_save` with the task's heads."""
+        data = self.cfg.to_peft_dict()
+        tm = self.cfg.target_modules
+        if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+            data["target_modules"] = sorted(self.entries)
+        data["modules_to_save"] = self.cfg.saved_module_names() or None
+        return data
+
+    def check_savable(self) -> None:
+        """Refuse to save what the adapter file would leave out (trained base biases)."""
+        if self.cfg.bias != "none":
+            raise UnsupportedFeatureError(
+                f"LoraConfig.bias={self.cfg.bias!r}: the base biases train, but saving them into the adapter file "
+                "is not supported yet; use bias='none' to save, or save the model's biases yourself")
+
     def base_layers_to_save(self, base_names) -> list[str]:
         """The targeted layers whose base weights PEFT writes with the adapter by default
         (`save_embedding_layers="auto"`): when the config names `embed_tokens` / `lm_head`
@@ -330,13 +347,10 @@ class AdapterSet:
         tm = self.cfg.target_modules
         named = [n for n in self.entries if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES]
         if isinstance(tm, str):
-            return [] if tm.lower() == "all-linear" else [n for n in named if re.fullmatch(tm, n)]
+            return [] if tm.lower() == ALL_LINEAR else [n for n in named if re.fullmatch(tm, n)]
         if not any(k in tm for k in EMBEDDING_LAYER_NAMES):
             return []
         return [n for n in named if n in base_names]
-
-    def resolved_target_names(self) -> list[str]:
-        return list(self.entries)
 
 
 def _replace_storage(t: torch.Tensor, new: torch.Tensor) -> None:

@@ -19,10 +19,10 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
-from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterFileError, ConfigError, LoraFxError, UnsupportedFeatureError
+from .config import LoraConfig
+from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
-from .io import is_adapter_dir, read_adapter_dir, write_adapter_dir
+from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
 from .layers import layers_of_module, output_layer_names
 from .passes.find_targets import (
     SITE_KEY,
@@ -34,6 +34,7 @@ from .passes.find_targets import (
     weight_node,
 )
 from .passes.inject_adapters import inject_adapters, sanitize
+from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
 from .passes.substitute_saved_modules import (
     SAVED_READS_KEY,
     find_saved_module_reads,
@@ -43,31 +44,9 @@ from .passes.substitute_saved_modules import (
 )
 from .rules import refuse_fused_experts, resolve
 
-Spec = LoraConfig | str | os.PathLike
-
 # model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
 # backend that is gone no longer blocks its model.
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def read_spec(spec: Spec) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
-    """A `LoraConfig` (fresh adapter) or a PEFT adapter directory (config + weights)."""
-    if isinstance(spec, LoraConfig):
-        return spec, None
-    if isinstance(spec, (str, os.PathLike)):
-        if not is_adapter_dir(spec):
-            raise AdapterFileError(f"adapter directory {os.fspath(spec)!r} does not exist")
-        return read_adapter_dir(spec)
-    raise ConfigError(f"spec must be a LoraConfig or a PEFT adapter directory, got {type(spec).__name__}")
-
-
-def config_to_save(cfg: LoraConfig, adapters: AdapterSet) -> dict[str, Any]:
-    """The config as PEFT saves it: `"all-linear"` expanded to the layer names it chose."""
-    data = cfg.to_peft_dict()
-    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR:
-        data["target_modules"] = sorted(adapters.resolved_target_names())
-    data["modules_to_save"] = cfg.saved_module_names() or None  # with the task's heads, as PEFT writes it
-    return data
 
 
 def _inner_backend(inner: str | Callable) -> Callable:
@@ -202,16 +181,14 @@ class LoraBackend:
         """Write a PEFT adapter directory (`PeftModel.from_pretrained` reads it)."""
         if not len(self.adapters):
             raise LoraFxError("no adapters yet: call lora.parameters(model) or run the compiled model first")
-        from .program import check_savable
-
-        check_savable(self.config)
+        self.adapters.check_savable()
         self._follow_model()
         tensors = self.adapters.peft_state_dict()
         if self._model is not None:
             base = ModelWeights(self._model)
             for layer in self.adapters.base_layers_to_save(self.adapters.entries):
                 tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
-        write_adapter_dir(path, config_to_save(self.config, self.adapters), tensors)
+        write_adapter_dir(path, self.adapters.config_to_save(), tensors)
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Load another adapter of the same shapes in place; compiled code is reused as is.
@@ -242,8 +219,6 @@ class LoraBackend:
         unmerge subtracts. The compiled model switches to a graph without adapters: compiled
         once per mode, ever, however often merge/unmerge alternate.
         """
-        from .passes.merge_adapters import check_mergeable, merged_layer
-
         if self._model is None:
             raise LoraFxError("merge needs the model: attach it first with lora.parameters(model)")
         if self.merged:
@@ -274,8 +249,6 @@ class LoraBackend:
 
     def unmerge(self) -> None:
         """Back to adapter compute over the original weights (bit-exact after a default merge)."""
-        from .passes.merge_adapters import MergedLayer, subtracted_layer
-
         if not self.merged:
             raise LoraFxError("the adapters are not merged")
         params = _layer_params(self._model, self.adapters.entries)

@@ -17,14 +17,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LoraConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+# What `backend` and `transform` take: a config (a fresh adapter) or a PEFT adapter directory.
+Spec = LoraConfig | str | os.PathLike
+
+
 def is_adapter_dir(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+
+
+def read_spec(spec: Spec) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
+    """A `LoraConfig` (fresh adapter, no tensors) or a PEFT adapter directory (config + tensors)."""
+    if isinstance(spec, LoraConfig):
+        return spec, None
+    if isinstance(spec, (str, os.PathLike)):
+        if not is_adapter_dir(spec):
+            raise AdapterFileError(f"adapter directory {os.fspath(spec)!r} does not exist")
+        return read_adapter_dir(spec)
+    raise ConfigError(f"spec must be a LoraConfig or a PEFT adapter directory, got {type(spec).__name__}")
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature
 
 from .adapters import AdapterSet
+from .backend import LoraBackend
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
 from .passes.find_targets import SITE_KEY
@@ -88,8 +89,6 @@ def merge(obj, *, safe_merge: bool = False, keep_original: bool = True):
         >>> torch.allclose(ep_merged.module()(x), ep_lora.module()(x), atol=1e-6)
         True
     """
-    from .backend import LoraBackend
-
     if isinstance(obj, LoraBackend):
         obj.merge(safe_merge=safe_merge, keep_original=keep_original)
         return obj
@@ -115,8 +114,6 @@ def unmerge(obj):
         >>> torch.equal(again.state_dict["0.weight"], ep_lora.state_dict["0.weight"])
         True
     """
-    from .backend import LoraBackend
-
     if isinstance(obj, LoraBackend):
         obj.unmerge()
         return obj

@@ -21,11 +21,12 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, SCALING_KEY, AdapterSet
-from .backend import Spec, read_spec
+from .adapters import SCALING_KEY, AdapterSet
 from .config import LoraConfig
-from .errors import LoraFxError, UnsupportedFeatureError
+from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, graph_fake_mode, install_attr
+from .io import Spec, read_spec
+from .layers import EMBEDDING
 from .marks import ADAPTER, MERGED, clear_mark, marked_layers
 from .passes.find_targets import SITE_KEY, find_targets, graph_layers, output_layer_names_of_graph
 from .passes.inject_adapters import inject_adapters, sanitize
@@ -49,6 +50,10 @@ class NamedWeights:
     names: dict[str, str]
     read: Callable[[str], torch.Tensor]
     write: Callable[[str, torch.Tensor], None]
+    embeddings: set[str] = dataclasses.field(default_factory=set)  # may carry `<layer>.weight` keys
+
+    def is_embedding(self, layer: str) -> bool:
+        return layer in self.embeddings
 
     def get(self, layer: str) -> torch.Tensor | None:
         name = self.names.get(layer)
@@ -56,6 +61,15 @@ class NamedWeights:
 
     def set(self, layer: str, value: torch.Tensor) -> None:
         self.write(self.names[layer], value)
+
+
+def graph_base_weights(site_nodes: list[fx.Node], read: Callable[[str], torch.Tensor],
+                       write: Callable[[str, torch.Tensor], None]) -> NamedWeights:
+    """`NamedWeights` over a graph's sites: every layer's weight by name; the input embeddings and
+    the output layer are those PEFT may save base weights of (`<layer>.weight`)."""
+    embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING}
+    return NamedWeights(site_weight_names(site_nodes), read, write,
+                        embeddings | output_layer_names_of_graph(site_nodes))
 
 
 def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
@@ -121,7 +135,7 @@ def module_state_kind(gm: fx.GraphModule):
     return kind
 
 
-def _frozen(value: torch.Tensor) -> nn.Parameter:
+def frozen(value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.detach(), requires_grad=False)
 
 
@@ -206,8 +220,8 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         return weights.get(key, ep.state_dict[key])
 
     if adapters is None:
-        base = NamedWeights(site_weight_names(site_nodes), lambda key: weights.get(key, ep.state_dict[key]),
-                            lambda key, value: weights.__setitem__(key, _frozen(value)))
+        base = graph_base_weights(site_nodes, lambda key: weights.get(key, ep.state_dict[key]),
+                                  lambda key, value: weights.__setitem__(key, frozen(value)))
         adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
                                   ep.state_dict.items(), state_names)
 
@@ -326,8 +340,8 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
         return attr_at(gm, node.target)
 
     if adapters is None:
-        base = NamedWeights(site_weight_names(site_nodes), lambda path: attr_at(gm, path),
-                            lambda path, value: install_attr(gm, gm_in, path, _frozen(value)))
+        base = graph_base_weights(site_nodes, lambda path: attr_at(gm, path),
+                                  lambda path, value: install_attr(gm, gm_in, path, frozen(value)))
         adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
                                   gm.named_parameters())
     container = nn.Module()
@@ -359,48 +373,6 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     return gm
 
 
-def save_adapter(obj, path) -> None:
-    """Write the adapter of a transformed program / GraphModule / backend as a PEFT directory.
-
-    Example:
-        >>> import torch, lora_fx, tempfile
-        >>> ep = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(1, 4),))
-        >>> ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0"]))
-        >>> lora_fx.save_adapter(ep2, tempfile.mkdtemp() + "/adapter")
-    """
-    from .backend import LoraBackend, config_to_save
-    from .io import write_adapter_dir
-
-    if isinstance(obj, LoraBackend):
-        obj.save_adapter(path)
-        return
-    adapters = _adapters_of(obj)
-    check_savable(adapters.cfg)
-    tensors = adapters.peft_state_dict()
-    base = _base_weights_of(obj)
-    for layer in adapters.base_layers_to_save(base.names):
-        tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
-    write_adapter_dir(path, config_to_save(adapters.cfg, adapters), tensors)
-
-
-def _base_weights_of(obj) -> NamedWeights:
-    """The base weights of a transformed program / GraphModule, by layer (read from its graph;
-    for a merged one, from its unmerged form: its weights hold the adapter)."""
-    if getattr(obj, "lora_fx_merged", None) is not None:
-        from .merging import unmerge
-
-        obj = unmerge(obj)
-    if isinstance(obj, ExportedProgram):
-        gm = copy_graph_module(obj.graph_module)  # annotate a copy, not the program's own nodes
-        sig = obj.graph_signature
-        names = site_weight_names(find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters}))
-        return NamedWeights(names, obj.state_dict.__getitem__,
-                            lambda key, value: obj.state_dict.__setitem__(key, _frozen(value)))
-    names = site_weight_names(find_targets(copy_graph_module(obj)))
-    return NamedWeights(names, lambda path: attr_at(obj, path),
-                        lambda path, value: install_attr(obj, None, path, _frozen(value)))
-
-
 def _adapters_of(obj) -> AdapterSet:
     for attr in ("lora_fx_adapters", "lora_fx_adapters_set"):  # ExportedProgram, GraphModule
         adapters = getattr(obj, attr, None)
@@ -410,41 +382,3 @@ def _adapters_of(obj) -> AdapterSet:
     if record is not None:
         return record.adapters
     raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
-
-
-def check_savable(cfg: LoraConfig) -> None:
-    if cfg.bias != "none":
-        raise UnsupportedFeatureError(
-            f"LoraConfig.bias={cfg.bias!r}: the base biases train, but saving them into the adapter file "
-            "is not supported yet; use bias='none' to save, or save the model's biases yourself")
-
-
-def load_adapter(obj, path) -> None:
-    """Load a PEFT adapter directory into a transformed program / GraphModule / backend, in place.
-
-    Same shapes required; nothing recompiles. The adapter's config (alpha, rsLoRA, patterns)
-    sets the scalings, and `save_adapter` afterwards writes that config.
-
-    Example:
-        >>> import torch, lora_fx, tempfile
-        >>> ep = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(1, 4),))
-        >>> ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
-        >>> ep3 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, lora_alpha=8, target_modules=["0"]))
-        >>> path = tempfile.mkdtemp() + "/a"; lora_fx.save_adapter(ep3, path)
-        >>> lora_fx.load_adapter(ep2, path)
-        >>> float(ep2.state_dict["0.lora_scaling"])
-        4.0
-    """
-    from .backend import LoraBackend
-    from .io import read_adapter_dir
-
-    if isinstance(obj, LoraBackend):
-        obj.load_adapter(path)
-        return
-    if getattr(obj, "lora_fx_merged", None) is not None:
-        raise LoraFxError("this program has its adapters merged into its weights; loading another adapter would "
-                          "leave those merged values in place. Call lora_fx.unmerge on it first")
-    adapters = _adapters_of(obj)
-    cfg, tensors = read_adapter_dir(path)
-    baked = adapters.cfg.lora_dropout if getattr(obj, "lora_fx_train", False) else None
-    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(obj))

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
+from ..graph_builder import node_value
 from ..layers import CONV, EMBEDDING, HF_CONV1D, LINEAR, LayerInfo
 from ..rules import Resolved
 from . import register
@@ -193,8 +194,6 @@ def _accumulate_into_base(b, site: SiteCall, x, a, weight_b, scale):
 
 
 def params_dtype(params) -> torch.dtype:
-    from ..graph_builder import node_value
-
     for node in params.values():
         val = node_value(node)
         if isinstance(val, torch.Tensor):
