@@ -40,6 +40,10 @@ class BaseWeights(Protocol):
     def set(self, layer: str, value: torch.Tensor) -> None:
         """Make the layer compute with `value` (same shape) from now on."""
 
+    def is_embedding(self, layer: str) -> bool:
+        """Whether the layer is an input or output embedding (PEFT saves `<layer>.weight` for those
+        only, for a resized vocabulary)."""
+
 
 @dataclass
 class AdapterEntry:
@@ -82,6 +86,20 @@ class AdapterSet:
         # modules_to_save: module path -> {parameter name inside the module: its trainable copy}
         self.saved: dict[str, dict[str, nn.Parameter]] = {}
         self._saved_deferred: dict[tuple[str, str], torch.Tensor] = {}  # loaded while the copy was on meta
+
+    def snapshot(self) -> AdapterSet:
+        """An independent copy of these adapters (tensors cloned, same config, variants and
+        scalings): what a merge keeps, so that later loads into the unmerged program cannot change
+        what the merged one holds or how it unmerges."""
+        copy_ = AdapterSet(self.cfg)
+        copy_.scale_factor = self.scale_factor
+        for name, e in self.entries.items():
+            tensors = {k: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) for k, t in e.tensors.items()}
+            copy_.entries[name] = AdapterEntry(e.resolved, e.variant, tensors, e.scaling.detach().clone(),
+                                               dict(e.deferred))
+        copy_.saved = {m: {n: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) for n, t in c.items()}
+                       for m, c in self.saved.items()}
+        return copy_
 
     def saved_copy(self, module: str, name: str, value: torch.Tensor) -> nn.Parameter:
         """The trainable copy of `module`'s parameter `name` (`modules_to_save`), made from `value`
@@ -262,6 +280,10 @@ class AdapterSet:
         if cfg.bias != self.cfg.bias:
             raise AdapterFileError(f"{source}: bias={cfg.bias!r}, but these adapters were made with "
                                    f"bias={self.cfg.bias!r} (which base biases train)")
+        if cfg.saved_module_names() != self.cfg.saved_module_names():
+            raise AdapterFileError(f"{source}: modules_to_save={cfg.saved_module_names()}, but these adapters were "
+                                   f"made with {self.cfg.saved_module_names()} (task_type included); build a new "
+                                   "backend / program for it")
         if baked_dropout is not None and cfg.lora_dropout != baked_dropout:
             raise AdapterFileError(
                 f"{source}: lora_dropout={cfg.lora_dropout}, but this program was transformed with train=True "
@@ -298,7 +320,7 @@ class AdapterSet:
         if missing:
             raise AdapterFileError(f"{source}: missing adapter key {missing[0]!r}"
                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        base_values = _base_weight_keys([k for k in state if k not in own], base)
+        base_values = base_weight_keys([k for k in state if k not in own], base)
         extra = {k for k in state if k not in own and k not in base_values}
         if extra and strict_extra:
             first = sorted(extra)[0]
@@ -312,6 +334,9 @@ class AdapterSet:
         for full, layer in base_values.items():
             current = base.get(layer)
             check_adapter_value(full, state[full], tuple(current.shape), source, what=f"the model's {layer!r} weight")
+            if current.device.type == "meta":
+                raise AdapterFileError(f"{source}: key {full!r} holds base weights for layer {layer!r}, but the model "
+                                       "is on the meta device; load the adapter after the model has real weights")
         with torch.no_grad():
             for full, (t, deferred, key) in own.items():
                 if t.device.type == "meta":
@@ -364,17 +389,19 @@ def _replace_storage(t: torch.Tensor, new: torch.Tensor) -> None:
         torch.utils.swap_tensors(t, new)
 
 
-def _base_weight_keys(keys, base: BaseWeights | None) -> dict[str, str]:
+def base_weight_keys(keys, base: BaseWeights | None) -> dict[str, str]:
     """file key -> layer, for the keys that are base weights of the model's layers."""
     if base is None:
         return {}
     out = {}
     for key in keys:
         body = key.removeprefix(PEFT_PREFIX)
-        if body.endswith(BASE_LAYER_SUFFIX):
+        if body.endswith(BASE_LAYER_SUFFIX):  # a targeted layer's base weight
             layer = body[: -len(BASE_LAYER_SUFFIX)]
-        elif body.endswith(".weight") and "lora_" not in body:
+        elif body.endswith(".weight") and "lora_" not in body:  # an embedding of a resized vocabulary
             layer = body[: -len(".weight")]
+            if not base.is_embedding(layer):
+                continue
         else:
             continue
         if base.get(layer) is not None:

@@ -18,12 +18,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
+from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet, base_weight_keys
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
-from .layers import layers_of_module, output_layer_names
+from .layers import EMBEDDING, layers_of_module, output_layer_names
 from .passes.find_targets import (
     SITE_KEY,
     find_targets,
@@ -187,7 +187,9 @@ class LoraBackend:
         if self._model is not None:
             base = ModelWeights(self._model)
             for layer in self.adapters.base_layers_to_save(self.adapters.entries):
-                tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
+                # While merged the model's weight holds the adapter: save the original.
+                weight = self._original_weight(layer) if self.merged else base.get(layer)
+                tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = weight
         write_adapter_dir(path, self.adapters.config_to_save(), tensors)
 
     def load_adapter(self, path: str | os.PathLike) -> None:
@@ -297,6 +299,14 @@ class LoraBackend:
             sources = {(module, name): self._model.get_submodule(module).get_parameter(name)
                        for module, copies in self.adapters.saved.items() for name in copies}
             self.adapters.follow(_layer_weights(self._model, self.adapters.entries), sources)
+
+    def _original_weight(self, layer: str) -> torch.Tensor:
+        """A merged layer's weight as it was before the merge."""
+        if self._originals is not None:
+            return self._originals[layer][0]
+        undo, _ = self._undo[layer]
+        weight = self._model.get_submodule(layer).weight
+        return subtracted_layer(self.adapters.entries[layer], MergedLayer(weight, None, undo))[0]
 
     def _refuse_if_merged(self, what: str) -> None:
         if self.merged:
@@ -411,21 +421,25 @@ class LoraBackend:
         added = self.adapters.add(resolved, dtype=self.adapter_dtype, weights=weights)
         placeholder_values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                                       strict=False))
-        new_saved = []
+        new_saved: list[str] = []
         for node in find_saved_module_reads(gm, self._saved_modules_in(gm), self._state_kind):
             for inp, (module, name) in node.meta[SAVED_READS_KEY].items():
-                if module not in self.adapters.saved:
+                if module not in self.adapters.saved and module not in new_saved:
                     new_saved.append(module)
                 self.adapters.saved_copy(module, name, placeholder_values[inp])
-        if self._pending is not None and (added or new_saved):
+        if self._pending is None:
+            return
+        # Base weights saved with the adapter go into the model's own tensors (Dynamo's example
+        # inputs are the model's parameters), as PEFT's loading writes them into the model.
+        embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING}
+        base = _TensorWeights(weights, embeddings | output_layer_names_of_graph(site_nodes))
+        prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in [*added, *new_saved])
+        base_keys = base_weight_keys(self._pending, base)
+        mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes) or k in base_keys}
+        if mine:
             sub = AdapterSet(self.config)
             sub.entries = {name: self.adapters.entries[name] for name in added}
             sub.saved = {module: self.adapters.saved[module] for module in new_saved}
-            prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in [*added, *new_saved])
-            mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes)}
-            # Base weights saved with the adapter go into the model's own tensors (Dynamo's example
-            # inputs are the model's parameters), as PEFT's loading writes them into the model.
-            base = _TensorWeights(weights)
             sub.load_peft_state_dict(mine, source="adapter directory", base=base)
 
     def _check_sites(self, gm: fx.GraphModule, site_nodes: list[fx.Node]) -> None:
@@ -463,19 +477,28 @@ class ModelWeights:
         return weight if isinstance(weight, torch.Tensor) else None
 
     def set(self, layer: str, value: torch.Tensor) -> None:
-        weight = self.get(layer)
-        if weight.device.type == "meta":
-            raise LoraFxError(f"layer {layer!r}: the adapter carries base weights for it, but the model is on the meta "
-                              "device; attach and load after the model has real weights")
         with torch.no_grad():
-            weight.copy_(value)
+            self.get(layer).copy_(value)
+
+    def is_embedding(self, layer: str) -> bool:
+        module = self.model.get_submodule(layer)
+        ends = [getattr(self.model, f"get_{side}_embeddings", lambda: None) for side in ("input", "output")]
+        try:
+            ends = [get() for get in ends]
+        except (NotImplementedError, AttributeError):
+            ends = []
+        return isinstance(module, nn.Embedding) or any(module is end for end in ends if end is not None)
 
 
 class _TensorWeights:
     """`BaseWeights` over tensors by layer, written in place."""
 
-    def __init__(self, weights: dict[str, torch.Tensor]):
+    def __init__(self, weights: dict[str, torch.Tensor], embeddings: set[str]):
         self.weights = weights
+        self.embeddings = embeddings
+
+    def is_embedding(self, layer: str) -> bool:
+        return layer in self.embeddings
 
     def get(self, layer: str) -> torch.Tensor | None:
         return self.weights.get(layer)

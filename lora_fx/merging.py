@@ -29,6 +29,7 @@ from .adapters import AdapterSet
 from .backend import LoraBackend
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
+from .marks import INPUT, get_mark
 from .passes.find_targets import SITE_KEY
 from .passes.merge_adapters import (
     MergedLayer,
@@ -38,6 +39,7 @@ from .passes.merge_adapters import (
     strip_adapters,
     subtracted_layer,
 )
+from .passes.substitute_saved_modules import COPY_PREFIX
 from .program import (
     ADAPTERS_ATTR,
     _adapters_of,
@@ -133,7 +135,8 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
     sites, erased = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
-    record = MergeRecord(adapters, bool(getattr(ep, "lora_fx_train", False)), originals={} if keep_original else None)
+    record = MergeRecord(adapters.snapshot(), bool(getattr(ep, "lora_fx_train", False)),
+                         originals={} if keep_original else None)
     new_values = {}
     for layer, calls in sites.items():
         weight_key, bias_key = calls[0].meta[SITE_KEY].weight, calls[0].meta[SITE_KEY].bias
@@ -152,6 +155,10 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
     dropped = {s.target for s in erased_specs}
     state_dict = {k: v for k, v in ep.state_dict.items() if k not in dropped}
     state_dict.update(new_values)
+    for module, copies in record.adapters.saved.items():  # the merged program reads the record's copies
+        for name, t in copies.items():
+            if f"{module}.{COPY_PREFIX}{name}" in state_dict:
+                state_dict[f"{module}.{COPY_PREFIX}{name}"] = t
     new_ep = _new_program(ep, gm, new_sig, state_dict)
     setattr(new_ep, MERGED_ATTR, record)
     return new_ep
@@ -183,10 +190,9 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
     sites, _ = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
-    if hasattr(gm, ADAPTERS_ATTR):
-        delattr(gm, ADAPTERS_ATTR)
-    record = MergeRecord(adapters, bool(getattr(gm_in, "lora_fx_train", False)),
+    record = MergeRecord(adapters.snapshot(), bool(getattr(gm_in, "lora_fx_train", False)),
                          originals={} if keep_original else None)
+    _keep_only_read_inputs(gm, record.adapters)
     installs = []
     for layer, calls in sites.items():
         entry, (weight_path, bias_path) = adapters.entries[layer], _paths_of(calls[0])
@@ -233,6 +239,22 @@ def _unmerge_graph_module(gm_in: fx.GraphModule, record: MergeRecord) -> fx.Grap
         if bias is not None:
             install_attr(gm, gm_in, bias_path, nn.Parameter(bias, requires_grad=False))
     return _transform_graph_module(gm, record.adapters.cfg, None, record.train, None, adapters=record.adapters)
+
+
+def _keep_only_read_inputs(gm: fx.GraphModule, adapters: AdapterSet) -> None:
+    """A new `lora_fx_adapters` container holding what the merged graph still reads (the copies of
+    modules saved in full, from `adapters`); the adapter tensors went with their subgraphs."""
+    container = nn.Module()
+    for node in gm.graph.nodes:
+        mark = get_mark(node, INPUT)
+        if node.op != "get_attr" or mark is None or not node.target.startswith(ADAPTERS_ATTR + "."):
+            continue
+        owner, key = mark
+        copy_ = adapters.saved[owner][key.removeprefix(COPY_PREFIX)]
+        container.register_parameter(node.target.removeprefix(ADAPTERS_ATTR + "."), copy_)
+    if hasattr(gm, ADAPTERS_ATTR):
+        delattr(gm, ADAPTERS_ATTR)
+    gm.add_module(ADAPTERS_ATTR, container)
 
 
 def _paths_of(call: fx.Node) -> tuple[str, str | None]:

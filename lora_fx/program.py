@@ -345,6 +345,10 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
         adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
                                   gm.named_parameters())
     container = nn.Module()
+    old = getattr(gm, ADAPTERS_ATTR, None)  # a merged GraphModule's: the saved modules' copies it reads
+    if old is not None:
+        for name, p in old.named_parameters(recurse=False):
+            container.register_parameter(name, p)
     gm.add_module(ADAPTERS_ATTR, container)
     fake_mode = graph_fake_mode(graph)
     first = next(n for n in graph.nodes if n.op != "placeholder")

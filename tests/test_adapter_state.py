@@ -171,3 +171,49 @@ def test_loading_into_a_merged_program_is_refused(two_adapters):
     merged = lora_fx.merge(lora_fx.transform(torch.export.export(base, (torch.randn(2, 8),)), d12))
     with pytest.raises(lora_fx.LoraFxError, match="merged.*unmerge"):
         lora_fx.load_adapter(merged, d48)
+
+
+def test_reload_with_other_modules_to_save_is_refused_and_keeps_the_model(tmp_path, inner):
+    base = _base()
+    _, plain = _peft_dir(base, tmp_path, "plain", 1, lora_alpha=8)
+    _, saved = _peft_dir(base, tmp_path, "saved", 2, lora_alpha=8, modules_to_save=["2"], target_modules=["0"])
+    lora = lora_fx.backend(plain, inner=inner)
+    lora.parameters(base)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(lora_fx.AdapterFileError, match=r"modules_to_save=\['2'\], but .* made with \[\]"):
+        lora.load_adapter(saved)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_a_weight_key_for_a_layer_that_is_no_embedding_is_unexpected(tmp_path):
+    # PEFT writes `<layer>.weight` only for the input / output embeddings of a resized vocabulary;
+    # for any other layer such a key must not overwrite the model's weight.
+    base = _base()
+    _, path = _peft_dir(base, tmp_path, "a", 1, lora_alpha=8)
+    tamper_adapter_file(path, lambda t: t.__setitem__("base_model.model.2.weight", torch.zeros(4, 8)))
+    before = base[2].weight.clone()
+    with pytest.raises(lora_fx.AdapterFileError, match=r"unexpected key 'base_model.model.2.weight'"):
+        lora_fx.backend(path).parameters(base)
+    assert torch.equal(base[2].weight, before)
+
+
+def test_loading_base_weights_into_a_meta_model_is_refused_and_changes_nothing(tmp_path):
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    _, path = _peft_dir_of(model, tmp_path, target_modules=["embed_tokens", "q_proj"])
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=4, lora_alpha=2, target_modules=["embed_tokens", "q_proj"]),
+                           inner="aot_eager")
+    lora.parameters(meta)
+    with pytest.raises(lora_fx.AdapterFileError, match=r"base_layer.weight' holds base weights .* meta device"):
+        lora.load_adapter(path)
+    assert lora.config.lora_alpha == 2
+    assert all(not e.deferred for e in lora.adapters.entries.values()), "values of the refused load were kept"
+
+
+def _peft_dir_of(model, tmp_path, **cfg):
+    from conftest import peft_adapter
+
+    return peft_adapter(model, tmp_path, r=4, lora_alpha=8, **cfg)

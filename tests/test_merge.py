@@ -384,3 +384,38 @@ def test_save_from_a_merged_program_writes_the_original_base_embedding(tmp_path)
     lora_fx.save_adapter(merged, tmp_path / "a")
     saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert torch.equal(saved["base_model.model.model.embed_tokens.base_layer.weight"], model.model.embed_tokens.weight)
+
+
+def test_a_merged_program_keeps_the_adapter_it_merged(tmp_path):
+    # The merge record holds its own copy: loading another adapter into the unmerged program later
+    # changes neither what the merged one saves nor how it unmerges (subtract mode).
+    _, inputs, _, ep_lora = _build("llama")
+    merged = lora_fx.merge(ep_lora, keep_original=False)
+    lora_fx.save_adapter(merged, tmp_path / "merged_before")
+    other = lora_fx.transform(torch.export.export(tiny_llama().eval(), inputs),
+                              lora_fx.LoraConfig(init_lora_weights=False, **{**CASES["llama"][2], "lora_alpha": 99}))
+    lora_fx.save_adapter(other, tmp_path / "other")
+    lora_fx.load_adapter(ep_lora, tmp_path / "other")
+    lora_fx.save_adapter(merged, tmp_path / "merged_after")
+    assert (tmp_path / "merged_before" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "merged_after" / "adapter_model.safetensors").read_bytes()
+    again = lora_fx.unmerge(merged)
+    key = "model.layers.2.mlp.up_proj.weight"
+    torch.testing.assert_close(again.state_dict[key], tiny_llama().state_dict()[key], rtol=0, atol=1e-6)
+
+
+def test_backend_save_while_merged_writes_the_original_embedding(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    original = model.model.embed_tokens.weight.detach().clone()
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False),
+                           inner="aot_eager")
+    lora.parameters(model)
+    for keep_original in (True, False):
+        lora.merge(keep_original=keep_original)
+        lora.save_adapter(tmp_path / "out")
+        saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+        torch.testing.assert_close(saved["base_model.model.model.embed_tokens.base_layer.weight"], original,
+                                   rtol=0, atol=1e-6)
+        lora.unmerge()

@@ -130,7 +130,7 @@ def test_modules_to_save_round_trip_with_peft(tmp_path, name, route):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("route", ["backend", "program"])
+@pytest.mark.parametrize("route", ["backend", "program", "graph_module"])
 def test_merge_keeps_the_saved_modules(tmp_path, route):
     base, peft_model, path, x, _, _, extract = _peft("bert_seq_cls", tmp_path)
     with torch.no_grad():
@@ -144,11 +144,16 @@ def test_merge_keeps_the_saved_modules(tmp_path, route):
             assert_close(extract(fast(x)), ref, "merged backend")
             lora.unmerge()
             assert torch.equal(extract(fast(x)), unmerged)
-        else:
+        elif route == "program":
             ep = lora_fx.transform(torch.export.export(base, (x,)), path)
             merged = lora_fx.merge(ep)
             assert_close(extract(merged.module()(x)), ref, "merged program")
             assert_close(extract(lora_fx.unmerge(merged).module()(x)), extract(ep.module()(x)), "unmerged")
+        else:
+            gm = lora_fx.transform(torch.export.export(base, (x,)).module(), path)
+            merged = lora_fx.merge(gm)
+            assert_close(extract(merged(x)), ref, "merged GraphModule")
+            assert_close(extract(lora_fx.unmerge(merged)(x)), extract(gm(x)), "unmerged GraphModule")
 
 
 def test_a_module_with_persistent_buffers_is_refused_naming_it():

@@ -114,6 +114,9 @@ def test_resized_vocabulary_weights_load_and_a_size_mismatch_names_the_key(tmp_p
     save_file(tensors, path / "adapter_model.safetensors")
     ep = lora_fx.transform(torch.export.export(base, (token_input(),)), path)
     assert torch.equal(ep.state_dict["model.embed_tokens.weight"], tensors[key])
+    unattached = copy.deepcopy(base)
+    torch.compile(unattached, backend=lora_fx.backend(path, inner="aot_eager"))(token_input())
+    assert torch.equal(unattached.model.embed_tokens.weight, tensors[key]), "the unattached backend loads it too"
     tensors[key] = torch.randn(130, 64)
     save_file(tensors, path / "adapter_model.safetensors")
     with pytest.raises(lora_fx.AdapterFileError, match=r"'base_model.model.model.embed_tokens.weight' has shape "
