@@ -139,7 +139,8 @@ def frozen(value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.detach(), requires_grad=False)
 
 
-def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.dtype | None = None):
+def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.dtype | None = None,
+              stack_on_merged: bool = False):
     """Inject LoRA adapters into an exported program or a GraphModule.
 
     Args:
@@ -149,6 +150,9 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
         spec: a `LoraConfig` (new adapter) or a PEFT adapter directory.
         train: emit adapter dropout (`lora_dropout`) as in training mode.
         adapter_dtype: dtype of new adapter tensors (default: fp32 for half bases).
+        stack_on_merged: accept a merged program (`lora_fx.merge`) and take its merged weights as
+            the new base, as PEFT's `merge_and_unload` followed by a new adapter does. Without
+            it, a merged program is refused: the new adapter would silently sit on the old one.
 
     Example:
         >>> import torch, lora_fx
@@ -160,7 +164,7 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
     """
     cfg, pending = read_spec(spec)
     if isinstance(program, (ExportedProgram, fx.GraphModule)):
-        refuse_lora_fx_graph(program.graph)
+        refuse_lora_fx_graph(program.graph, allow_merged=stack_on_merged)
     if isinstance(program, ExportedProgram):
         return _transform_program(program, cfg, pending, train, adapter_dtype)
     if isinstance(program, fx.GraphModule):
@@ -168,18 +172,18 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
     raise LoraFxError(f"transform takes an ExportedProgram or a torch.fx.GraphModule, got {type(program).__name__}")
 
 
-def refuse_lora_fx_graph(graph: fx.Graph) -> None:
+def refuse_lora_fx_graph(graph: fx.Graph, *, allow_merged: bool = False) -> None:
     """Refuse a graph that already carries lora_fx adapters, live or merged (read from its marks,
     which survive decompositions, `.module()` and export round trips).
 
     Transforming it again would add a second adapter on top of the first: silently doubled for a
     merged program, a clash of input names for a transformed one."""
     merged = marked_layers(graph, MERGED)
-    if merged:
+    if merged and not allow_merged:
         raise LoraFxError(
             f"this program has lora_fx adapters merged into its weights (layers {_few(merged)}); transforming it "
-            "would apply an adapter on top of the merged one. Call lora_fx.unmerge on the merged program, or "
-            "transform the original base program")
+            "would apply an adapter on top of the merged one. Call lora_fx.unmerge on the merged program, "
+            "transform the original base program, or pass stack_on_merged=True to train a new adapter on top")
     adapted = marked_layers(graph, ADAPTER)
     if adapted:
         raise LoraFxError(

@@ -91,3 +91,24 @@ def test_transformed_program_is_refused_by_transform_in_every_form(tmp_path):
     gm = lora_fx.transform(base_ep.module(), path)
     with pytest.raises(lora_fx.LoraFxError, match="already transformed"):
         lora_fx.transform(gm, path)
+
+
+@pytest.mark.parametrize("form", ["program", "module"])
+def test_a_new_adapter_can_be_stacked_on_a_merged_program_when_asked(tmp_path, form):
+    base, _, path = peft_reference("llama", tmp_path)
+    x = token_input()
+    merged = lora_fx.merge(lora_fx.transform(torch.export.export(base, (x,)), path))
+    second = lora_fx.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    prog = merged if form == "program" else merged.module()
+    stacked = lora_fx.transform(prog, second, stack_on_merged=True)
+    run = stacked.module() if form == "program" else stacked
+    # reference: a fresh program over the merged weights, with the same second adapter
+    ref = lora_fx.transform(torch.export.export(merged.module(), (x,)), second, stack_on_merged=True)
+    lora_fx.load_adapter(ref, _saved(stacked, tmp_path / "second"))
+    assert_close(run(x).logits, ref.module()(x).logits, "stacked on merged")
+    assert not torch.equal(run(x).logits, merged.module()(x).logits)
+
+
+def _saved(obj, path):
+    lora_fx.save_adapter(obj, path)
+    return path
