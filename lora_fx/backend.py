@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet, base_weight_keys
 from .config import LoraConfig
@@ -92,6 +94,8 @@ class LoraBackend:
         self._model: nn.Module | None = None
         self._requires_grad_before: dict[str, bool] = {}
         self._saved_paths: list[str] | None = None  # modules_to_save of the attached model
+        self._param_names: dict[int, list[str]] | None = None  # id(parameter) -> its names in the model
+        self._renames: dict[int, tuple] = {}  # id(parameter) -> (weakref, graph name, Rename)
         self.graphs_compiled = 0
         self.merged = False
         # While merged: layer -> (original weight data, original bias data) in the exact mode, or
@@ -108,6 +112,8 @@ class LoraBackend:
     def attach(self, model: nn.Module) -> LoraBackend:
         """Create the adapters for `model` now (so an optimizer can hold them before the first
         compiled call), freeze its base weights, and follow its train/eval mode for dropout."""
+        if isinstance(model, OptimizedModule):  # torch.compile's wrapper: attach to the model it wraps
+            model = model._orig_mod
         if self._model is model:
             return self
         if self._model is not None:
@@ -153,6 +159,7 @@ class LoraBackend:
             p.requires_grad_(self._requires_grad_before.get(name, p.requires_grad))
         _ATTACHED.pop(self._model, None)
         self._model = None
+        self._param_names, self._renames = None, {}
 
     def _base_trainable(self, param_name: str, resolved) -> bool:
         bias = self.config.bias
@@ -277,22 +284,6 @@ class LoraBackend:
             return self._saved_paths
         return select_saved_modules(self.config.saved_module_names(), module_paths(gm))
 
-    def _state_kind(self, node: fx.Node):
-        """`StateKind` of a Dynamo placeholder, from its source (persistence from the attached model;
-        without one a buffer counts as persistent)."""
-        source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
-        if source is None:
-            return None
-        fqn = normalize_path(source.name)
-        if "_parameters" in source.name:
-            return ("parameter", fqn)
-        if "_buffers" not in source.name:
-            return None
-        owner, _, leaf = fqn.rpartition(".")
-        transient = self._model is not None and leaf in getattr(
-            self._model.get_submodule(owner), "_non_persistent_buffers_set", set())
-        return ("buffer" if transient else "persistent_buffer", fqn)
-
     def _follow_model(self) -> None:
         """Adapters on their base weights' devices (materialised if made on the meta device)."""
         if self._model is not None:
@@ -318,13 +309,21 @@ class LoraBackend:
         # Our own copy: Dynamo keeps using (and later strips the metadata of) its graph, and a
         # second train/eval build may happen long after this call.
         gm = copy_graph_module(gm)
-        site_nodes = find_targets(gm)
         self._follow_model()
+        # Names in a Dynamo graph are relative to the frame it compiled: the model itself, a
+        # function using it (`G.model...`), or a submodule whose forward resumed after a graph
+        # break. With a model attached, the graph's names are translated to the model's by the
+        # identity of the parameters it receives, call by call (a submodule's frame can be shared
+        # by several layers, each with its own adapters).
+        rename, probe = self._graph_rename(gm, example_inputs)
+        named = self._renamed(gm, rename)
+        site_nodes = find_targets(named.gm, named.state_names)
         if self._model is None:
-            self._adopt_sites(site_nodes, gm, example_inputs)
-        self._check_sites(gm, site_nodes)
-        saved_reads = find_saved_module_reads(gm, self._saved_modules_in(gm), self._state_kind)
-        if not saved_reads and not any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes):
+            self._adopt_sites(site_nodes, named, example_inputs)
+        self._check_sites(named, site_nodes, example_inputs)
+        saved_reads = find_saved_module_reads(named.gm, self._saved_modules_in(named.gm), named.state_kind)
+        adapted = any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes)
+        if probe is None and not saved_reads and not adapted:
             return self._compile(gm, list(example_inputs))
         # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
         # reads `self.training` itself: follow the attached model's mode at call time, compiling
@@ -341,15 +340,18 @@ class LoraBackend:
             return (training, dropout) if training else (False, 0.0)
 
         def build(key, inputs):
-            if key == "merged":
-                return self._build_and_compile(gm, inputs, training=False, with_adapters=False)
-            return self._build_and_compile(gm, inputs, training=key[0])
+            mode, renamed = key
+            graph = self._renamed(gm, renamed)
+            if mode == "merged":
+                return self._build_and_compile(graph, inputs, training=False, with_adapters=False)
+            return self._build_and_compile(graph, inputs, training=mode[0])
 
-        first = current_key()
+        first = (current_key(), rename)
         compiled = {first: build(first, list(example_inputs))}
 
         def run(*args):
-            key = current_key()
+            renamed = rename if probe is None else self._rename_at_call(args[probe[0]], probe[1])
+            key = (current_key(), renamed)
             if key not in compiled:
                 compiled[key] = build(key, list(args))
             fn, feeds = compiled[key]
@@ -357,16 +359,78 @@ class LoraBackend:
 
         return run
 
+    # -- names: Dynamo's frame vs the attached model -----------------------------------------------
+    def _graph_rename(self, gm: fx.GraphModule, example_inputs) -> tuple[Rename, tuple[int, str] | None]:
+        """The translation of this graph's names to the attached model's, and the probe that tells
+        it at call time: (the index of a parameter input, its name in the graph). Identity, no
+        probe, without an attached model or without parameter inputs."""
+        if self._model is None:
+            return IDENTITY, None
+        for index, (node, value) in enumerate(zip(_placeholders(gm), example_inputs, strict=False)):
+            source = _source_name(node)
+            if source is None or "_parameters" not in source or not isinstance(value, torch.Tensor):
+                continue
+            graph_name = normalize_path(source)
+            return self._rename_at_call(value, graph_name), (index, graph_name)
+        return IDENTITY, None
+
+    def _rename_at_call(self, value: torch.Tensor, graph_name: str) -> Rename:
+        """How the graph that received `value` under `graph_name` names the attached model's modules."""
+        cached = self._renames.get(id(value))
+        if cached is not None and cached[0]() is value and cached[1] == graph_name:
+            return cached[2]
+        names = self._parameter_names().get(id(value))
+        if not names:
+            self._param_names = None  # the model's parameters may have been replaced: look again
+            names = self._parameter_names().get(id(value))
+        if not names:
+            raise LoraFxError(
+                f"the compiled graph received a parameter ({graph_name!r}) that is not one of the attached model's; "
+                "this backend adapts the model it is attached to: use one backend per model")
+        rename = Rename.between(graph_name, max(names, key=lambda n: _common_suffix(n, graph_name)))
+        self._renames[id(value)] = (weakref.ref(value), graph_name, rename)
+        return rename
+
+    def _parameter_names(self) -> dict[int, list[str]]:
+        if self._param_names is None:
+            self._param_names = {}
+            for name, p in self._model.named_parameters(remove_duplicate=False):
+                self._param_names.setdefault(id(p), []).append(name)
+        return self._param_names
+
+    def _renamed(self, gm: fx.GraphModule, rename: Rename) -> RenamedGraph:
+        """A copy of `gm` whose module paths and parameter / buffer names are the attached model's."""
+        gm = copy_graph_module(gm)
+        state_names, kinds = {}, {}
+        for node in gm.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack and rename != IDENTITY:
+                node.meta["nn_module_stack"] = {k: (rename(normalize_path(path)), cls)
+                                                for k, (path, cls) in stack.items()}
+            source = _source_name(node)
+            if source is None or ("_parameters" not in source and "_buffers" not in source):
+                continue
+            fqn = rename(normalize_path(source))
+            state_names[node.name] = fqn
+            if "_parameters" in source:
+                kinds[node.name] = ("parameter", fqn)
+            else:  # persistence is read from the attached model; without one a buffer counts as persistent
+                owner, _, leaf = fqn.rpartition(".")
+                transient = self._model is not None and leaf in getattr(
+                    _submodule_or_none(self._model, owner), "_non_persistent_buffers_set", set())
+                kinds[node.name] = ("buffer" if transient else "persistent_buffer", fqn)
+        return RenamedGraph(gm, state_names, lambda node: kinds.get(node.name) if node.op == "placeholder" else None)
+
     def _compile(self, gm, example_inputs):
         self.graphs_compiled += 1
         return self._inner(gm, example_inputs)
 
-    def _build_and_compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, training: bool,
+    def _build_and_compile(self, named: RenamedGraph, example_inputs: list[Any], *, training: bool,
                            with_adapters: bool = True):
-        work = copy_graph_module(gm)
+        work = named.gm
         graph = work.graph
-        site_nodes = find_targets(work)
-        saved_reads = find_saved_module_reads(work, self._saved_modules_in(work), self._state_kind)
+        site_nodes = find_targets(work, named.state_names)
+        saved_reads = find_saved_module_reads(work, self._saved_modules_in(work), named.state_kind)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         values = dict(zip(placeholders, example_inputs, strict=False))
         feeds: list[torch.Tensor] = []  # held by reference: new values are copied into them
@@ -402,13 +466,14 @@ class LoraBackend:
         fn = self._compile(work, example_inputs + examples)
         return fn, feeds
 
-    def _adopt_sites(self, site_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs) -> None:
+    def _adopt_sites(self, site_nodes: list[fx.Node], named: RenamedGraph, example_inputs) -> None:
         """No model attached: create (or load) adapters for the layers this graph holds."""
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        gm = named.gm
+        placeholders = _placeholders(gm)
         refuse_fused_experts(self.config, [
             (kind[1], tuple(value.shape)) for node, value in zip(placeholders, example_inputs, strict=False)
-            if (kind := self._state_kind(node)) is not None and isinstance(value, torch.Tensor)])
-        layers = graph_layers(gm, site_nodes)
+            if (kind := named.state_kind(node)) is not None and isinstance(value, torch.Tensor)])
+        layers = graph_layers(gm, site_nodes, named.state_names)
         resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
                            require_match=not len(self.adapters))
         # Base weights, for variants initialised from them: Dynamo's example inputs are real.
@@ -422,7 +487,7 @@ class LoraBackend:
         placeholder_values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                                       strict=False))
         new_saved: list[str] = []
-        for node in find_saved_module_reads(gm, self._saved_modules_in(gm), self._state_kind):
+        for node in find_saved_module_reads(gm, self._saved_modules_in(gm), named.state_kind):
             for inp, (module, name) in node.meta[SAVED_READS_KEY].items():
                 if module not in self.adapters.saved and module not in new_saved:
                     new_saved.append(module)
@@ -442,9 +507,23 @@ class LoraBackend:
             sub.saved = {module: self.adapters.saved[module] for module in new_saved}
             sub.load_peft_state_dict(mine, source="adapter directory", base=base)
 
-    def _check_sites(self, gm: fx.GraphModule, site_nodes: list[fx.Node]) -> None:
-        """Every adapted layer this graph runs is a site here, of the shape its adapter was made for."""
-        for layer in unmatched_layers(gm, site_nodes):
+    def _check_sites(self, named: RenamedGraph, site_nodes: list[fx.Node], example_inputs) -> None:
+        """Every adapted layer this graph runs is a site here, under its own name, of the shape its
+        adapter was made for."""
+        gm = named.gm
+        if self._model is not None:
+            values = dict(zip(_placeholders(gm), example_inputs, strict=False))
+            adapted_weights = {id(w): name for name, w in _layer_weights(self._model, self.adapters.entries).items()}
+            for node in site_nodes:
+                layer = node.meta[SITE_KEY].layer.name
+                weight = values.get(weight_node(node))
+                owner = adapted_weights.get(id(weight)) if weight is not None else None
+                if owner is not None and owner != layer and getattr(
+                        _submodule_or_none(self._model, layer), "weight", None) is not weight:
+                    raise LoraFxError(f"layer {owner!r}'s weight is read in the compiled graph under the name "
+                                      f"{layer!r}, which lora_fx cannot match to the attached model; compile the "
+                                      "model itself")
+        for layer in unmatched_layers(gm, site_nodes, named.state_names):
             if layer.name in self.adapters.entries:
                 raise UnsupportedFeatureError(f"layer {layer.name!r} has an adapter, but lora_fx cannot adapt its call "
                                               f"in the compiled graph: {layer.unsupported}")
@@ -460,6 +539,69 @@ class LoraBackend:
                     f"{layer.name}: the compiled graph has a {layer.kind} ({layer.in_features} -> "
                     f"{layer.out_features}) but the adapter was made for a {have.kind} ({have.in_features} -> "
                     f"{have.out_features})")
+
+
+@dataclass(frozen=True)
+class Rename:
+    """Graph path -> attached model path: a leading `graph_prefix` becomes `model_prefix`."""
+
+    graph_prefix: str = ""
+    model_prefix: str = ""
+
+    @staticmethod
+    def between(graph_name: str, model_name: str) -> Rename:
+        """The translation under which `graph_name` is `model_name` (they share a dotted suffix)."""
+        k = _common_suffix(graph_name, model_name)
+        graph_parts, model_parts = graph_name.split("."), model_name.split(".")
+        return Rename(".".join(graph_parts[: len(graph_parts) - k]), ".".join(model_parts[: len(model_parts) - k]))
+
+    def __call__(self, path: str) -> str:
+        if self.graph_prefix:
+            if path != self.graph_prefix and not path.startswith(self.graph_prefix + "."):
+                return path
+            path = path[len(self.graph_prefix):].lstrip(".")
+        if self.model_prefix:
+            return f"{self.model_prefix}.{path}" if path else self.model_prefix
+        return path
+
+
+IDENTITY = Rename()
+
+
+@dataclass
+class RenamedGraph:
+    """A Dynamo graph with the attached model's names: module paths in `nn_module_stack`, and
+    placeholder name -> parameter / buffer FQN (`state_names`, `state_kind`)."""
+
+    gm: fx.GraphModule
+    state_names: dict[str, str]
+    state_kind: Callable[[fx.Node], tuple[str, str] | None]
+
+
+def _common_suffix(a: str, b: str) -> int:
+    """How many trailing dotted components `a` and `b` share."""
+    n = 0
+    for x, y in zip(reversed(a.split(".")), reversed(b.split(".")), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _source_name(node: fx.Node) -> str | None:
+    source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
+    return None if source is None else source.name
+
+
+def _submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 class ModelWeights:

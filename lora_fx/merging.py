@@ -254,7 +254,8 @@ def _keep_only_read_inputs(gm: fx.GraphModule, adapters: AdapterSet) -> None:
         container.register_parameter(node.target.removeprefix(ADAPTERS_ATTR + "."), copy_)
     if hasattr(gm, ADAPTERS_ATTR):
         delattr(gm, ADAPTERS_ATTR)
-    gm.add_module(ADAPTERS_ATTR, container)
+    if len(container._parameters):  # without saved modules, the merged GraphModule is the base one
+        gm.add_module(ADAPTERS_ATTR, container)
 
 
 def _paths_of(call: fx.Node) -> tuple[str, str | None]:

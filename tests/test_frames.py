@@ -1,0 +1,105 @@
+"""Dynamo compiles frames, not models: a function using the model, a submodule whose forward
+resumes after a graph break (one frame for several layers), a compiled wrapper. Layer names in
+those graphs are relative to the frame; the attached backend must still give every layer its
+own adapter, or refuse — never run the base model silently."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_close, peft_adapter, raised_while_compiling, tiny_llama, token_input
+from torch import nn
+
+import lora_fx
+
+
+def _break(module, inputs, output):
+    torch._dynamo.graph_break()  # a print, a .item(), logging in user code
+    return output
+
+
+@pytest.mark.parametrize("where", ["model.norm", "model.layers.1", "model.layers.2.self_attn"])
+def test_graph_break_inside_a_submodule_keeps_every_adapter(tmp_path, where):
+    base = tiny_llama()
+    peft_model, path = peft_adapter(base, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                                    rank_pattern={"layers.1.self_attn.q_proj": 2})
+    x = token_input()
+    with torch.no_grad():
+        ref = peft_model(x).logits
+    model = copy.deepcopy(base)
+    model.get_submodule(where).register_forward_hook(_break)
+    lora = lora_fx.backend(path, inner="aot_eager")
+    lora.parameters(model)
+    with torch.no_grad():
+        out = torch.compile(model, backend=lora)(x).logits
+    assert_close(out, ref, f"graph break at {where}")
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.proj(x)
+        torch._dynamo.graph_break()  # the resumed frame's root is this block: shared by both blocks
+        return torch.relu(y)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_frame_shared_by_several_layers_gives_each_its_own_adapter(tmp_path):
+    torch.manual_seed(0)
+    base = TwoBlocks().eval()
+    peft_model, path = peft_adapter(base, tmp_path, r=4, lora_alpha=8, target_modules=["proj"],
+                                    rank_pattern={"blocks.1.proj": 2})
+    x = torch.randn(3, 8)
+    lora = lora_fx.backend(path, inner="aot_eager")
+    lora.parameters(base)
+    fast = torch.compile(base, backend=lora)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(fast(x), peft_model(x), "blocks sharing a frame")
+
+
+def test_a_compiled_function_using_the_model_and_a_compiled_wrapper(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    peft_model, path = peft_adapter(model, tmp_path, r=2, target_modules=["0", "2"])
+    x = torch.randn(4, 8)
+    lora = lora_fx.backend(path, inner="aot_eager")
+    lora.parameters(model)
+
+    def step(inputs):  # the model is a global of the compiled function
+        return model(inputs)
+
+    with torch.no_grad():
+        assert_close(torch.compile(step, backend=lora)(x), peft_model(x), "compiled function")
+    other = lora_fx.backend(path, inner="aot_eager")
+    wrapped = torch.compile(copy.deepcopy(model), backend=other)
+    other.parameters(wrapped)  # the compiled wrapper: adapters keep the model's own names
+    assert sorted(name for name, _ in other.named_parameters()) == [
+        "0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+    with torch.no_grad():
+        assert_close(wrapped(x), peft_model(x), "compiled wrapper")
+
+
+def test_another_model_through_an_attached_backend_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"]), inner="aot_eager")
+    lora.parameters(model)
+    other = copy.deepcopy(model)
+    with raised_while_compiling(lora_fx.LoraFxError, r"not one of the attached model's"):
+        torch.compile(other, backend=lora)(torch.randn(2, 8))
