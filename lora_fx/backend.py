@@ -22,7 +22,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet, base_weight_keys
 from .config import LoraConfig
-from .errors import LoraFxError, UnsupportedFeatureError
+from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
 from .layers import EMBEDDING, layers_of_module, output_layer_names
@@ -474,8 +474,14 @@ class LoraBackend:
             (kind[1], tuple(value.shape)) for node, value in zip(placeholders, example_inputs, strict=False)
             if (kind := named.state_kind(node)) is not None and isinstance(value, torch.Tensor)])
         layers = graph_layers(gm, site_nodes, named.state_names)
-        resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
-                           require_match=not len(self.adapters))
+        try:
+            resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
+                               require_match=not len(self.adapters))
+        except TargetNotFoundError as e:
+            raise TargetNotFoundError(
+                f"{e}. This backend is not attached to the model, so it sees only the layer names of the graph "
+                "Dynamo compiled, which are relative to the compiled frame (after a graph break inside a "
+                "submodule they lose their prefix); attach the model with lora.parameters(model)") from None
         # Base weights, for variants initialised from them: Dynamo's example inputs are real.
         values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False))
         weights = {}

@@ -103,3 +103,17 @@ def test_another_model_through_an_attached_backend_is_refused(tmp_path):
     other = copy.deepcopy(model)
     with raised_while_compiling(lora_fx.LoraFxError, r"not one of the attached model's"):
         torch.compile(other, backend=lora)(torch.randn(2, 8))
+
+
+def test_unattached_backend_says_to_attach_when_frame_names_do_not_match(tmp_path):
+    base = tiny_llama()
+    _, path = peft_adapter(base, tmp_path, r=2, target_modules=["q_proj"])
+    from safetensors.torch import load_file  # PEFT saved full names; a resumed frame names layers from `model`
+
+    assert any(k.startswith("base_model.model.model.layers") for k in load_file(path / "adapter_model.safetensors"))
+    model = copy.deepcopy(base)
+    model.model.layers[0].register_forward_pre_hook(lambda mod, args: torch._dynamo.graph_break())
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["model.layers.1.self_attn.q_proj"]),
+                           inner="aot_eager")
+    with raised_while_compiling(lora_fx.TargetNotFoundError, r"not attached to the model.*lora.parameters\(model\)"):
+        torch.compile(model, backend=lora)(token_input())
