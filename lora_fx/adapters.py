@@ -12,7 +12,7 @@ together (all checked before anything is written); `set_scale` changes only the 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +43,27 @@ class BaseWeights(Protocol):
     def is_embedding(self, layer: str) -> bool:
         """Whether the layer is an input or output embedding (PEFT saves `<layer>.weight` for those
         only, for a resized vocabulary)."""
+
+
+@dataclass
+class NamedWeights:
+    """`BaseWeights` of a graph: layer -> the name its weight is read by (a state_dict key, a
+    GraphModule attribute path), and the route's read and write of such a name."""
+
+    names: dict[str, str]
+    read: Callable[[str], torch.Tensor | None]
+    write: Callable[[str, torch.Tensor], None]
+    embeddings: set[str] = field(default_factory=set)  # may carry `<layer>.weight` keys
+
+    def is_embedding(self, layer: str) -> bool:
+        return layer in self.embeddings
+
+    def get(self, layer: str) -> torch.Tensor | None:
+        name = self.names.get(layer)
+        return None if name is None else self.read(name)
+
+    def set(self, layer: str, value: torch.Tensor) -> None:
+        self.write(self.names[layer], value)
 
 
 @dataclass

@@ -25,10 +25,11 @@ from .config import LoraConfig
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
-from .layers import EMBEDDING, layers_of_module, output_layer_names
+from .layers import layers_of_module, output_layer_names
 from .passes.find_targets import (
     SITE_KEY,
     find_targets,
+    graph_base_weights,
     graph_layers,
     normalize_path,
     output_layer_names_of_graph,
@@ -339,15 +340,15 @@ class LoraBackend:
             training = self._model is not None and bool(self._model.training) and dropout > 0
             return (training, dropout) if training else (False, 0.0)
 
-        def build(key, inputs):
+        def build(key, inputs, graph=None):
             mode, renamed = key
-            graph = self._renamed(gm, renamed)
+            graph = graph or self._renamed(gm, renamed)  # each build rewrites a graph of its own
             if mode == "merged":
                 return self._build_and_compile(graph, inputs, training=False, with_adapters=False)
             return self._build_and_compile(graph, inputs, training=mode[0])
 
         first = (current_key(), rename)
-        compiled = {first: build(first, list(example_inputs))}
+        compiled = {first: build(first, list(example_inputs), named)}
 
         def run(*args):
             renamed = rename if probe is None else self._rename_at_call(args[probe[0]], probe[1])
@@ -482,28 +483,23 @@ class LoraBackend:
                 f"{e}. This backend is not attached to the model, so it sees only the layer names of the graph "
                 "Dynamo compiled, which are relative to the compiled frame (after a graph break inside a "
                 "submodule they lose their prefix); attach the model with lora.parameters(model)") from None
-        # Base weights, for variants initialised from them: Dynamo's example inputs are real.
-        values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False))
-        weights = {}
-        for node in site_nodes:
-            w = weight_node(node)
-            if w is not None and w in values:
-                weights.setdefault(node.meta[SITE_KEY].layer.name, values[w])
-        added = self.adapters.add(resolved, dtype=self.adapter_dtype, weights=weights)
-        placeholder_values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
-                                      strict=False))
+        # Base weights, for variants initialised from them and for base weights saved with the
+        # adapter: Dynamo's example inputs are the model's own tensors, written in place as PEFT's
+        # loading writes into the model.
+        values = dict(zip(placeholders, example_inputs, strict=False))
+        by_name = {named.state_names[node.name]: value for node, value in values.items()
+                   if node.name in named.state_names}
+        base = graph_base_weights(site_nodes, by_name.get, _copy_into(by_name))
+        added = self.adapters.add(resolved, dtype=self.adapter_dtype,
+                                  weights={layer: base.get(layer) for layer in resolved})
         new_saved: list[str] = []
         for node in find_saved_module_reads(gm, self._saved_modules_in(gm), named.state_kind):
             for inp, (module, name) in node.meta[SAVED_READS_KEY].items():
                 if module not in self.adapters.saved and module not in new_saved:
                     new_saved.append(module)
-                self.adapters.saved_copy(module, name, placeholder_values[inp])
+                self.adapters.saved_copy(module, name, values[inp])
         if self._pending is None:
             return
-        # Base weights saved with the adapter go into the model's own tensors (Dynamo's example
-        # inputs are the model's parameters), as PEFT's loading writes them into the model.
-        embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING}
-        base = _TensorWeights(weights, embeddings | output_layer_names_of_graph(site_nodes))
         prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in [*added, *new_saved])
         base_keys = base_weight_keys(self._pending, base)
         mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes) or k in base_keys}
@@ -618,10 +614,7 @@ class ModelWeights:
         self.model = model
 
     def get(self, layer: str) -> torch.Tensor | None:
-        try:
-            weight = getattr(self.model.get_submodule(layer), "weight", None)
-        except AttributeError:
-            return None
+        weight = getattr(_submodule_or_none(self.model, layer), "weight", None)
         return weight if isinstance(weight, torch.Tensor) else None
 
     def set(self, layer: str, value: torch.Tensor) -> None:
@@ -638,22 +631,11 @@ class ModelWeights:
         return isinstance(module, nn.Embedding) or any(module is end for end in ends if end is not None)
 
 
-class _TensorWeights:
-    """`BaseWeights` over tensors by layer, written in place."""
-
-    def __init__(self, weights: dict[str, torch.Tensor], embeddings: set[str]):
-        self.weights = weights
-        self.embeddings = embeddings
-
-    def is_embedding(self, layer: str) -> bool:
-        return layer in self.embeddings
-
-    def get(self, layer: str) -> torch.Tensor | None:
-        return self.weights.get(layer)
-
-    def set(self, layer: str, value: torch.Tensor) -> None:
+def _copy_into(tensors: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], None]:
+    def write(name: str, value: torch.Tensor) -> None:
         with torch.no_grad():
-            self.weights[layer].copy_(value)
+            tensors[name].copy_(value)
+    return write
 
 
 def _layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:

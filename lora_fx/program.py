@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -21,14 +20,13 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .adapters import SCALING_KEY, AdapterSet
+from .adapters import SCALING_KEY, AdapterSet, NamedWeights
 from .config import LoraConfig
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, graph_fake_mode, install_attr
 from .io import Spec, read_spec
-from .layers import EMBEDDING
 from .marks import ADAPTER, MERGED, clear_mark, marked_layers
-from .passes.find_targets import SITE_KEY, find_targets, graph_layers, output_layer_names_of_graph
+from .passes.find_targets import find_targets, graph_base_weights, graph_layers, output_layer_names_of_graph
 from .passes.inject_adapters import inject_adapters, sanitize
 from .passes.substitute_saved_modules import (
     SAVED_READS_KEY,
@@ -40,44 +38,6 @@ from .passes.substitute_saved_modules import (
 from .rules import refuse_fused_experts, resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
-
-
-@dataclass
-class NamedWeights:
-    """`BaseWeights` of a graph: layer -> the name its weight is read by (a state_dict key, a
-    GraphModule attribute path), and the route's read and write of such a name."""
-
-    names: dict[str, str]
-    read: Callable[[str], torch.Tensor]
-    write: Callable[[str, torch.Tensor], None]
-    embeddings: set[str] = dataclasses.field(default_factory=set)  # may carry `<layer>.weight` keys
-
-    def is_embedding(self, layer: str) -> bool:
-        return layer in self.embeddings
-
-    def get(self, layer: str) -> torch.Tensor | None:
-        name = self.names.get(layer)
-        return None if name is None else self.read(name)
-
-    def set(self, layer: str, value: torch.Tensor) -> None:
-        self.write(self.names[layer], value)
-
-
-def graph_base_weights(site_nodes: list[fx.Node], read: Callable[[str], torch.Tensor],
-                       write: Callable[[str, torch.Tensor], None]) -> NamedWeights:
-    """`NamedWeights` over a graph's sites: every layer's weight by name; the input embeddings and
-    the output layer are those PEFT may save base weights of (`<layer>.weight`)."""
-    embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING}
-    return NamedWeights(site_weight_names(site_nodes), read, write,
-                        embeddings | output_layer_names_of_graph(site_nodes))
-
-
-def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
-    """layer -> the name its (first) call reads the weight by."""
-    names: dict[str, str] = {}
-    for node in site_nodes:
-        names.setdefault(node.meta[SITE_KEY].layer.name, node.meta[SITE_KEY].weight)
-    return names
 
 
 def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights,

@@ -118,6 +118,20 @@ def peft_reference(name: str, tmp_path, **overrides):
     return base, peft_model, path
 
 
+def save_via(route: str, base, adapter_dir, x, out_dir):
+    """Load `adapter_dir` over a copy of `base` through `route` ("backend" or "program") and save
+    it again to `out_dir`."""
+    import lora_fx
+
+    if route == "backend":
+        lora = lora_fx.backend(adapter_dir, inner="aot_eager")
+        lora.parameters(copy.deepcopy(base))
+        lora.save_adapter(out_dir)
+    else:
+        lora_fx.save_adapter(lora_fx.transform(torch.export.export(base, (x,)), adapter_dir), out_dir)
+    return out_dir
+
+
 def forward_backward(model, x, extract=lambda o: o):
     """The output, after `(out * w).sum()` was back-propagated with fixed random weights `w` (every
     output element contributes differently to the gradients)."""

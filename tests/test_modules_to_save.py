@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, check_grads, forward_backward, peft_adapter, peft_adapter_grads
+from conftest import assert_close, check_grads, forward_backward, peft_adapter, peft_adapter_grads, save_via
 
 import lora_fx
 
@@ -114,12 +114,7 @@ def test_modules_to_save_round_trip_with_peft(tmp_path, name, route):
     from safetensors.torch import load_file
 
     base, _, path, x, _, _, extract = _peft(name, tmp_path)
-    if route == "backend":
-        lora = lora_fx.backend(path, inner="aot_eager")
-        lora.parameters(copy.deepcopy(base))
-        lora.save_adapter(tmp_path / "out")
-    else:
-        lora_fx.save_adapter(lora_fx.transform(torch.export.export(base, (x,)), path), tmp_path / "out")
+    save_via(route, base, path, x, tmp_path / "out")
     ours = load_file(tmp_path / "out" / "adapter_model.safetensors")
     theirs = load_file(path / "adapter_model.safetensors")
     assert sorted(ours) == sorted(theirs)

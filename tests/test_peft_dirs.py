@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, peft_adapter, tiny_gpt2, tiny_llama, token_input
+from conftest import assert_close, peft_adapter, save_via, tiny_gpt2, tiny_llama, token_input
 
 import lora_fx
 
@@ -86,12 +86,7 @@ def test_saving_writes_the_keys_peft_writes(tmp_path, name, route):
     _, path = peft_adapter(base, tmp_path, **cfg)
     _with_trained_embeddings(path, base_keys)
     x = token_input()
-    if route == "backend":
-        lora = lora_fx.backend(path, inner="aot_eager")
-        lora.parameters(copy.deepcopy(base))
-        lora.save_adapter(tmp_path / "out")
-    else:
-        lora_fx.save_adapter(lora_fx.transform(torch.export.export(base, (x,)), path), tmp_path / "out")
+    save_via(route, base, path, x, tmp_path / "out")
     ours, theirs = _saved_keys(tmp_path / "out"), _saved_keys(path)
     assert sorted(ours) == sorted(theirs)
     for key in base_keys:

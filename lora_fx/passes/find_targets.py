@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..adapters import NamedWeights
 from ..graph_builder import attr_at, node_value
 from ..layers import (
     CONV,
@@ -560,6 +561,23 @@ def graph_layers(gm: fx.GraphModule, site_nodes: list[fx.Node],
                  state_names: dict[str, str] | None = None) -> list[LayerInfo]:
     """Every layer the rules may target in `gm`: the sites' layers, then the unmatched ones."""
     return site_layers(site_nodes) + unmatched_layers(gm, site_nodes, state_names)
+
+
+def graph_base_weights(site_nodes: list[fx.Node], read: Callable[[str], torch.Tensor],
+                       write: Callable[[str, torch.Tensor], None]) -> NamedWeights:
+    """`NamedWeights` over a graph's sites: every layer's weight by name; the input embeddings and
+    the output layer are those PEFT may save base weights of (`<layer>.weight`)."""
+    embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING}
+    return NamedWeights(site_weight_names(site_nodes), read, write,
+                        embeddings | output_layer_names_of_graph(site_nodes))
+
+
+def site_weight_names(site_nodes: list[fx.Node]) -> dict[str, str]:
+    """layer -> the name its (first) call reads the weight by."""
+    names: dict[str, str] = {}
+    for node in site_nodes:
+        names.setdefault(node.meta[SITE_KEY].layer.name, node.meta[SITE_KEY].weight)
+    return names
 
 
 def site_layers(nodes: list[fx.Node]) -> list[LayerInfo]:
