@@ -6,28 +6,16 @@ One description, filled either from an `nn.Module` (`layers_of_module`) or from 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-LINEAR = "linear"          # y = x W^T + b, W: (out, in)
-HF_CONV1D = "hf_conv1d"    # transformers Conv1D: y = x W + b, W: (in, out)
-EMBEDDING = "embedding"    # y = W[idx], W: (num_embeddings, dim)
-CONV = "conv"              # torch.nn.ConvNd, W: (out, in / groups, *kernel)
+from . import layer_kinds
+from .layer_kinds import LayerKind, class_qualname, kind_of_class, resolve_class
 
-LINEAR_KINDS = (LINEAR, HF_CONV1D)
-
-# Module classes whose calls are adaptable sites, by qualified name (graphs store names or types).
-_CLASS_KIND = {
-    "torch.nn.modules.linear.Linear": LINEAR,
-    "transformers.pytorch_utils.Conv1D": HF_CONV1D,
-    "torch.nn.modules.sparse.Embedding": EMBEDDING,
-    "torch.nn.modules.conv.Conv1d": CONV,
-    "torch.nn.modules.conv.Conv2d": CONV,
-    "torch.nn.modules.conv.Conv3d": CONV,
-}
+__all__ = ["LayerInfo", "class_qualname", "kind_of_class", "layer_of_module", "layers_of_module",
+           "output_layer_names", "resolve_class"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +27,7 @@ class LayerInfo:
     """
 
     name: str
-    kind: str
+    kind: LayerKind
     in_features: int
     out_features: int
     class_name: str = ""
@@ -56,50 +44,13 @@ class LayerInfo:
     # Such layers are listed so that targeting one is an error naming it, not a silent skip.
     unsupported: str | None = None
 
+    def __post_init__(self):
+        if isinstance(self.kind, str):  # a kind given by name ("linear")
+            object.__setattr__(self, "kind", layer_kinds.get(self.kind))
+
     @property
     def conv_dims(self) -> int:
         return len(self.kernel_size)
-
-
-def class_qualname(cls: type | str) -> str:
-    if isinstance(cls, str):
-        return cls
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def resolve_class(name: str) -> type | None:
-    """The class an exported graph names as `module.Qual.Name`, if its module is imported and
-    the name leads to a class (local classes, `<locals>` in the name, do not resolve)."""
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module = sys.modules.get(".".join(parts[:split]))
-        if module is None:
-            continue
-        obj = module
-        for attr in parts[split:]:
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                return None
-        return obj if isinstance(obj, type) else None
-    return None
-
-
-def kind_of_class(cls: type | str) -> str | None:
-    """The site kind of a module class, subclasses of supported classes included (a class given
-    by name is imported first to read its base classes)."""
-    if isinstance(cls, str):
-        kind = _CLASS_KIND.get(cls)
-        if kind is not None:
-            return kind
-        resolved = resolve_class(cls)
-        if resolved is None:
-            return None
-        cls = resolved
-    for klass in cls.__mro__:
-        kind = _CLASS_KIND.get(class_qualname(klass))
-        if kind is not None:
-            return kind
-    return None
 
 
 def layer_of_module(name: str, module: nn.Module) -> LayerInfo | None:
@@ -115,17 +66,7 @@ def layer_of_module(name: str, module: nn.Module) -> LayerInfo | None:
         reason = (f"its class {class_qualname(type(module))} holds a {w.dtype} weight of shape {tuple(w.shape)} "
                   "(quantized); QLoRA and quantized bases are not supported yet")
         return LayerInfo(in_features=0, out_features=0, unsupported=reason, **common)
-    if kind == LINEAR:
-        return LayerInfo(in_features=w.shape[1], out_features=w.shape[0], **common)
-    if kind == HF_CONV1D:
-        return LayerInfo(in_features=w.shape[0], out_features=w.shape[1], **common)
-    if kind == EMBEDDING:
-        return LayerInfo(in_features=w.shape[0], out_features=w.shape[1],
-                         padding_idx=module.padding_idx, **common)
-    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
-    return LayerInfo(in_features=module.in_channels, out_features=module.out_channels,
-                     kernel_size=tuple(module.kernel_size), stride=tuple(module.stride),
-                     padding=padding, dilation=tuple(module.dilation), groups=module.groups, **common)
+    return LayerInfo(**kind.describe_module(module), **common)
 
 
 def layers_of_module(model: nn.Module) -> list[LayerInfo]:

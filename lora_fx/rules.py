@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetNotFoundError, UnsupportedFeatureError
-from .layers import LINEAR_KINDS, LayerInfo
+from .layers import LayerInfo
 from .patterns import layer_index_regex, pattern_key_regex, saved_module_regex
 
 # The top-level classification heads PEFT leaves out of "all-linear" for task_type="SEQ_CLS".
@@ -68,7 +68,7 @@ def _targeted(cfg: LoraConfig, layer: LayerInfo, output_layers: set[str]) -> boo
         return False
     tm = cfg.target_modules
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-        return layer.kind in LINEAR_KINDS and name not in output_layers
+        return layer.kind.linear_family and name not in output_layers
     if isinstance(tm, str):
         return re.fullmatch(tm, name) is not None
     if not _name_in(tm, name):

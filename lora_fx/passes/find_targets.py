@@ -32,33 +32,24 @@ Invariants: the pass only writes `node.meta["lora_fx_site"]` (sites) and
 
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from ..adapters import NamedWeights
 from ..graph_builder import attr_at, node_value
-from ..layers import (
-    CONV,
-    EMBEDDING,
-    HF_CONV1D,
-    LINEAR,
-    LINEAR_KINDS,
-    LayerInfo,
-    class_qualname,
-    kind_of_class,
-    layer_of_module,
-    resolve_class,
-)
+from ..layer_kinds import ParsedCall, class_qualname, kind_of_class, parse_call, resolve_class
+from ..layer_kinds.base import target_name as _target_name
+from ..layers import LayerInfo, layer_of_module
 from ..marks import ADAPTER, has_mark
 
 SITE_KEY = "lora_fx_site"
+# Ops that reshape a weight for a matmul (seen through when looking for a weight's readers).
+_WEIGHT_SHAPING = {"t", "numpy_T", "permute", "transpose", "T", "expand", "view", "_unsafe_view", "reshape",
+                   "unsqueeze"}
 REFUSED_KEY = "lora_fx_refused"
 aten = torch.ops.aten
 
@@ -75,140 +66,6 @@ class TargetSite:
     # The bias the layer adds: an argument of the call, or a separate add of the layer's own bias
     # after it (a decomposed 3-D linear: bmm, then add); FQN or get_attr target.
     bias: str | None = None
-
-
-# -- op table ---------------------------------------------------------------------------------
-_LINEAR_OPS = {torch._C._nn.linear, aten.linear.default}
-_EMBEDDING_TORCH = {F.embedding}
-_EMBEDDING_ATEN = {aten.embedding.default}
-_ADDMM_OPS = {torch.addmm, aten.addmm.default}
-_MM_OPS = {aten.mm.default}
-_MATMUL_OPS = {aten.matmul.default, torch.matmul, operator.matmul}
-_CONV_TORCH = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
-               aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
-               aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _tuple(value, n: int) -> tuple[int, ...] | str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    return value * n if len(value) == 1 and n > 1 else value
-
-
-@dataclass(frozen=True)
-class ParsedCall:
-    """An adaptable op call as read from the graph: `node.args[input_index]` is the layer input,
-    `weight` the node the weight comes from (the parameter itself, seen through a transpose),
-    `bias` the bias node or None."""
-
-    kind: str
-    input_index: int
-    weight: Any
-    bias: Any = None
-    extras: dict = field(default_factory=dict)
-
-
-_TRANSPOSES = {aten.t.default, aten.numpy_T.default, torch.t}
-
-
-def untransposed(node) -> fx.Node | None:
-    """`W` if `node` is `Wᵀ` of a 2-D `W` (`t`, `.T`, `permute(·, [1, 0])`, `transpose(·, 0, 1)`, in
-    aten or Dynamo's torch IR), else None."""
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return None
-    t, args = node.target, node.args
-    if t in _TRANSPOSES or (node.op == "call_method" and t == "t"):
-        return args[0]
-    if t is getattr and len(args) == 2 and args[1] == "T":
-        return args[0]
-    if t in (aten.permute.default, "permute") and [int(d) for d in _flat(args[1:])] == [1, 0]:
-        return args[0]
-    if t in (aten.transpose.int, torch.transpose, "transpose") and len(args) == 3 \
-            and sorted(int(d) % 2 for d in args[1:3]) == [0, 1]:
-        return args[0]
-    return None
-
-
-def _flat(args) -> list:
-    return list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
-
-
-_WEIGHT_SHAPING = {"t", "numpy_T", "permute", "transpose", "T", "expand", "view", "_unsafe_view", "reshape",
-                   "unsqueeze"}
-
-
-def broadcast_weight(node) -> fx.Node | None:
-    """`W` if `node` is `Wᵀ` of a 2-D `W` broadcast over leading batch dims (the second operand
-    of the `bmm` a decomposed `matmul` becomes: `view(expand(permute(W)))`), else None."""
-    want = None
-    while isinstance(node, fx.Node):
-        w = untransposed(node)
-        if w is not None:
-            val = node_value(node)
-            ok = want is None or (isinstance(val, torch.Tensor) and tuple(val.shape) == want)
-            return w if ok and val is not None and val.dim() == 2 else None
-        if _target_name(node) not in ("expand", "view", "_unsafe_view", "reshape", "unsqueeze"):
-            return None
-        val = node_value(node)
-        if not isinstance(val, torch.Tensor) or val.dim() < 2:
-            return None
-        if want is not None and tuple(val.shape[-2:]) != want:
-            return None
-        want = tuple(val.shape[-2:])
-        node = node.args[0]
-    return None
-
-
-def _parse_matmul(node: fx.Node, bias, x_index: int, mat2) -> ParsedCall:
-    """`x @ mat2 (+ bias)`: a decomposed Linear when `mat2` is a transposed weight, else Conv1D's
-    `x @ W` with W stored (in, out)."""
-    w = untransposed(mat2)
-    if w is not None:
-        return ParsedCall(LINEAR, x_index, w, bias)
-    return ParsedCall(HF_CONV1D, x_index, mat2, bias)
-
-
-def _parse_call(node: fx.Node) -> ParsedCall | None:
-    """The adaptable op call `node` is, else None."""
-    t = node.target
-    if t in _LINEAR_OPS:
-        return ParsedCall(LINEAR, 0, _arg(node, 1, "weight"), _arg(node, 2, "bias"))
-    if t in _EMBEDDING_TORCH:
-        return ParsedCall(EMBEDDING, 0, _arg(node, 1, "weight"), extras={"padding_idx": _arg(node, 2, "padding_idx")})
-    if t in _EMBEDDING_ATEN:
-        pad = _arg(node, 2, "padding_idx", -1)
-        return ParsedCall(EMBEDDING, 1, _arg(node, 0, "weight"), extras={"padding_idx": None if pad == -1 else pad})
-    if t in _ADDMM_OPS:
-        return _parse_matmul(node, _arg(node, 0, "input"), 1, _arg(node, 2, "mat2"))
-    if t in _MM_OPS:
-        return _parse_matmul(node, None, 0, _arg(node, 1, "mat2"))
-    if t is aten.bmm.default:
-        w = broadcast_weight(node.args[1])
-        return ParsedCall(LINEAR, 0, w) if w is not None else None
-    if t in _MATMUL_OPS:
-        w = untransposed(node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
-        return ParsedCall(LINEAR, 0, w) if w is not None else None
-    if t in _CONV_TORCH:
-        n = _CONV_TORCH[t]
-        return ParsedCall(CONV, 0, _arg(node, 1, "weight"), _arg(node, 2, "bias"), {
-            "stride": _tuple(_arg(node, 3, "stride", 1), n), "padding": _tuple(_arg(node, 4, "padding", 0), n),
-            "dilation": _tuple(_arg(node, 5, "dilation", 1), n), "groups": int(_arg(node, 6, "groups", 1))})
-    if t is aten.convolution.default and not node.args[6]:
-        w = node.args[1]
-        n = len(node_value(w).shape) - 2 if isinstance(w, fx.Node) and node_value(w) is not None else 2
-        return ParsedCall(CONV, 0, w, node.args[2], {
-            "stride": _tuple(node.args[3], n), "padding": _tuple(node.args[4], n),
-            "dilation": _tuple(node.args[5], n), "groups": int(node.args[8])})
-    return None
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -259,7 +116,7 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
                   scopes: dict[str, list[fx.Node]]) -> TargetSite | LayerInfo | None:
     """The site `node` is; a LayerInfo with `unsupported` set for a call of an adaptable layer that
     cannot be adapted at the op; None for anything else."""
-    parsed = _parse_call(node)
+    parsed = parse_call(node)
     if parsed is None:
         return None
     kind, weight, extras = parsed.kind, parsed.weight, parsed.extras
@@ -282,13 +139,7 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
         class_name = class_qualname(cls)
     else:
         name, class_name = weight_name.rsplit(".", 1)[0], ""
-    if kind == LINEAR:
-        dims = dict(in_features=w.shape[1], out_features=w.shape[0])
-    elif kind in (HF_CONV1D, EMBEDDING):
-        dims = dict(in_features=w.shape[0], out_features=w.shape[1])
-    else:
-        groups = extras["groups"]
-        dims = dict(in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]))
+    dims = kind.dims_of_weight(w, extras)
     bias = _state_name(parsed.bias, state_names) if isinstance(parsed.bias, fx.Node) else None
     layer = LayerInfo(name=name, kind=kind, class_name=class_name, has_bias=isinstance(parsed.bias, fx.Node),
                       weight_dtype=w.dtype, weight_device=str(w.device), **dims, **extras)
@@ -343,7 +194,7 @@ def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, cls, state_n
         if name == "add" and len(others) == 1 and _state_name(others[0], state_names) == f"{layer}.bias":
             added_bias = f"{layer}.bias"
             continue
-        if name == "mul" and parsed.kind == EMBEDDING and _is_embed_scale(n, others, cls, state_names):
+        if name == "mul" and parsed.kind.lookup and _is_embed_scale(n, others, cls, state_names):
             continue
         return (f"computes {name} on the {parsed.kind} op's output inside its forward; PEFT adds the adapter to "
                 "the module's output, lora_fx adds it at the op, so the two would differ"), None
@@ -447,14 +298,14 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) 
 def weight_node(node: fx.Node) -> fx.Node | None:
     """The weight parameter an adaptable op call reads (seen through a transpose; None for
     `call_module` sites)."""
-    parsed = _parse_call(node) if node.op == "call_function" else None
+    parsed = parse_call(node) if node.op == "call_function" else None
     weight = parsed.weight if parsed is not None else None
     return weight if isinstance(weight, fx.Node) else None
 
 
 def bias_node(node: fx.Node) -> fx.Node | None:
     """The bias argument of an adaptable op call, if any (`addmm`'s is its first argument)."""
-    parsed = _parse_call(node) if node.op == "call_function" else None
+    parsed = parse_call(node) if node.op == "call_function" else None
     bias = parsed.bias if parsed is not None else None
     return bias if isinstance(bias, fx.Node) else None
 
@@ -524,7 +375,7 @@ def _subgraph_layers(gm: fx.GraphModule, name_of: Callable[[fx.Node], str | None
 
             out += _subgraph_layers(body, inner_name)
             for node in body.graph.nodes:
-                parsed = _parse_call(node) if node.op in ("call_function", "call_method") else None
+                parsed = parse_call(node) if node.op in ("call_function", "call_method") else None
                 if parsed is None or not isinstance(parsed.weight, fx.Node):
                     continue
                 entry = _module_stack_entry(node)
@@ -567,7 +418,7 @@ def graph_base_weights(site_nodes: list[fx.Node], read: Callable[[str], torch.Te
                        write: Callable[[str, torch.Tensor], None]) -> NamedWeights:
     """`NamedWeights` over a graph's sites: every layer's weight by name; the input embeddings and
     the output layer are those PEFT may save base weights of (`<layer>.weight`)."""
-    embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind == EMBEDDING}
+    embeddings = {n.meta[SITE_KEY].layer.name for n in site_nodes if n.meta[SITE_KEY].layer.kind.lookup}
     return NamedWeights(site_weight_names(site_nodes), read, write,
                         embeddings | output_layer_names_of_graph(site_nodes))
 
@@ -602,7 +453,7 @@ def output_layer_names_of_graph(site_nodes: list[fx.Node]) -> set[str]:
     # be the vocabulary the LM head mirrors).
     embeddings = [n for n in graph.nodes
                   if (n.meta.get(SITE_KEY) or n.meta.get(REFUSED_KEY)) is not None
-                  and _layer_of(n).kind == EMBEDDING]
+                  and _layer_of(n).kind.lookup]
     if not embeddings:
         return set()
     tied = {weight_node(n) for n in embeddings} - {None}
@@ -613,7 +464,7 @@ def output_layer_names_of_graph(site_nodes: list[fx.Node]) -> set[str]:
     out = set()
     for node in site_nodes:
         layer = node.meta[SITE_KEY].layer
-        if layer.kind not in LINEAR_KINDS or feeds_a_site[node]:
+        if not layer.kind.linear_family or feeds_a_site[node]:
             continue
         if weight_node(node) in tied or (layer.out_features, layer.in_features) == vocab:
             out.add(layer.name)
@@ -634,17 +485,6 @@ def _feeds_a_site(site_nodes: list[fx.Node]) -> dict[fx.Node, bool]:
     for node in reversed(graph.nodes):
         feeds[node] = any(user in sites or feeds.get(user, False) for user in node.users)
     return feeds
-
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if t is operator.getitem:
-        return "getitem"
-    if isinstance(t, torch._ops.OpOverload):
-        return t._opname
-    return getattr(t, "__name__", str(t))
 
 
 def with_layer(site: TargetSite, layer: LayerInfo) -> TargetSite:

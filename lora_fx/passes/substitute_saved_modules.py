@@ -29,8 +29,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedFeatureError
+from ..layer_kinds.base import untransposed
 from ..marks import ADAPTER, INPUT, has_mark, set_mark
-from .find_targets import SITE_KEY, bias_node, normalize_path, untransposed, weight_node
+from .find_targets import SITE_KEY, bias_node, normalize_path, weight_node
 
 SAVED_READS_KEY = "lora_fx_saved_reads"
 COPY_PREFIX = "modules_to_save."

@@ -10,7 +10,8 @@ Designed for the variants to come:
 - QALoRA pools the input: `emit` receives `site.x` and builds whatever it needs from it.
 - aLoRA needs a mask from `input_ids`: `SiteCall.graph_inputs` gives the user inputs.
 - BdLoRA declares block-diagonal shapes in `tensors` and emits an einsum or a custom op.
-- Raw-parameter targets: `SiteCall.kind == "parameter"` with `site.weight` the parameter node.
+- Layer kinds: a variant asks `site.layer.kind` (`layer_kinds/base.py`) for the factors' keys
+  and shapes, the nodes of A(x) and B(h), and the weight's layout; it never branches on the kind.
 Merging: `merge_blocker` says why a layer cannot merge (None when it can; aLoRA, QALoRA and
 grouped convs say why), `merged_weight` / `unmerged_weight` fold the adapter into the base
 weight and back by arithmetic (the bit-exact unmerge keeps the original instead), and

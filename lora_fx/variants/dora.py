@@ -24,11 +24,11 @@ import torch
 from ..config import LoraConfig
 from ..errors import ConfigError, UnsupportedFeatureError
 from ..kernels import ops as _ops  # noqa: F401  (registers the lora_fx:: ops)
-from ..layers import CONV, EMBEDDING, HF_CONV1D, LayerInfo
+from ..layers import LayerInfo
 from ..rules import Resolved
 from . import register
 from .base import SiteCall, TensorSpec
-from .lora import LoraVariant, _conv, params_dtype
+from .lora import LoraVariant, params_dtype
 
 aten = torch.ops.aten
 MAGNITUDE = "lora_magnitude_vector"
@@ -42,7 +42,7 @@ def norm_eps(weight_dtype: torch.dtype) -> float:
 
 
 def channel_dim(layer: LayerInfo) -> int:
-    return 1 if layer.kind == CONV else -1
+    return layer.kind.output_channel_dim
 
 
 class DoraVariant(LoraVariant):
@@ -56,7 +56,7 @@ class DoraVariant(LoraVariant):
     def check(self, res: Resolved, cfg: LoraConfig) -> None:
         super().check(res, cfg)
         layer = res.layer
-        if layer.kind == CONV and layer.groups > 1:
+        if layer.kind.merge_blocker(layer) is not None:
             # PEFT runs this case, but its norm reshapes B·A across channel groups (a tensor that is
             # not the layer's effective weight); we neither copy that nor silently differ from it.
             raise ConfigError(f"{layer.name}: DoRA on a grouped conv (groups={layer.groups}) is not supported: "
@@ -65,17 +65,13 @@ class DoraVariant(LoraVariant):
 
     def tensors(self, res: Resolved, cfg: LoraConfig) -> dict[str, TensorSpec]:
         specs = super().tensors(res, cfg)
-        layer = res.layer
-        if layer.kind == CONV:
-            shape = (1, layer.out_features) + (1,) * layer.conv_dims
-        else:
-            shape = (layer.out_features,)
-        specs[MAGNITUDE] = TensorSpec(shape)
+        specs[MAGNITUDE] = TensorSpec(res.layer.kind.magnitude_shape(res.layer))
         return specs
 
     def init_from_base(self, tensors, weight, res: Resolved, cfg: LoraConfig) -> None:
-        a, b = _factors({k: t.detach() for k, t in tensors.items()}, res.layer)
-        w = _weight_rows(weight, res.layer).float()
+        kind = res.layer.kind
+        a, b = kind.factor_matrices(*(tensors[k].detach() for k in kind.factor_keys()))
+        w = kind.rows(weight).float()
         norm = (w + res.scaling * (b.float() @ a.float())).norm(dim=1)
         tensors[MAGNITUDE].copy_(norm.view(tensors[MAGNITUDE].shape))
 
@@ -92,9 +88,9 @@ class DoraVariant(LoraVariant):
         magnitude = b.call(aten.reshape.default, params[MAGNITUDE], [-1])
         g = b.call(aten.div.Tensor, magnitude, norm)
 
-        dropped = site.training and cfg.lora_dropout > 0 and layer.kind != EMBEDDING
+        dropped = site.training and cfg.lora_dropout > 0 and not layer.kind.lookup
         x = site.x
-        if layer.kind != EMBEDDING:
+        if not layer.kind.lookup:
             x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
             if dropped:
                 x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
@@ -103,8 +99,8 @@ class DoraVariant(LoraVariant):
         if dropped:
             # PEFT's training-with-dropout form: the base applied to the dropped input, no bias.
             x_base = b.cast(x, b.dtype_of(site.x, layer.weight_dtype), adapter_dtype)
-            base_drop = self._base_nobias(b, site, x_base)
-            g_v = _channel(b, g, site.base_out, layer)
+            base_drop = layer.kind.apply_base(b, layer, x_base, site.weight)
+            g_v = layer.kind.channel_of_output(b, g, site.base_out)
             g_1 = b.call(aten.sub.Tensor, g_v, 1)
             term = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, g_1, base_drop),
                           b.call(aten.mul.Tensor, g_v, b.call(aten.mul.Tensor, lora, scale)))
@@ -114,38 +110,24 @@ class DoraVariant(LoraVariant):
             return b.call(torch.ops.lora_fx.dora_compose.default, site.base_out, lora, g, scale, site.bias,
                           channel_dim(layer))
         # Reference math as aten ops: out = g ⊙ (base − bias + s·lora) + bias.
-        g_v = _channel(b, g, site.base_out, layer)
+        g_v = layer.kind.channel_of_output(b, g, site.base_out)
         pre = b.call(aten.add.Tensor, site.base_out, b.call(aten.mul.Tensor, lora, scale))
         if site.bias is not None:
-            bias_v = _channel(b, site.bias, site.base_out, layer)
+            bias_v = layer.kind.channel_of_output(b, site.bias, site.base_out)
             pre = b.call(aten.sub.Tensor, pre, bias_v)
             out = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, g_v, pre), bias_v)
         else:
             out = b.call(aten.mul.Tensor, g_v, pre)
         return b.cast(out, out_dtype, b.dtype_of(out, out_dtype))
 
-    def _base_nobias(self, b, site: SiteCall, x):
-        layer = site.layer
-        if layer.kind == CONV:
-            return _conv(b, x, site.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        if layer.kind == HF_CONV1D:
-            return b.call(aten.mm.default, x, site.weight)
-        return b.call(aten.linear.default, x, site.weight)
-
     def _norm(self, b, site: SiteCall, params, scale, use_ops: bool, r: int):
         """‖W + s·B·A‖ per output channel, fp32, detached, from [out, r] pieces only."""
         layer = site.layer
         w_dtype = b.dtype_of(site.weight, layer.weight_dtype)
-        w = _weight_rows_node(b, site.weight, layer)                 # a view: [out, in·k]
-        if layer.kind == EMBEDDING:
-            a, bb = params["lora_embedding_A"], params["lora_embedding_B"]
-        else:
-            a, bb = params["lora_A.weight"], params["lora_B.weight"]
-        a = b.call(aten.detach.default, a)
-        bb = b.call(aten.detach.default, bb)
-        if layer.kind == CONV:
-            a = b.call(aten.reshape.default, a, [r, -1])
-            bb = b.call(aten.reshape.default, bb, [layer.out_features, -1])
+        w = layer.kind.rows_node(b, layer, site.weight)              # a view: [out, in·k]
+        a_key, b_key = layer.kind.factor_keys()
+        a = _matrix(b, b.call(aten.detach.default, params[a_key]), r)                 # [r, in·k]
+        bb = _matrix(b, b.call(aten.detach.default, params[b_key]), layer.out_features)  # [out, r]
         a32 = b.cast(a, torch.float32, b.dtype_of(a, torch.float32))
         b32 = b.cast(bb, torch.float32, b.dtype_of(bb, torch.float32))
         w = b.call(aten.detach.default, w)
@@ -178,52 +160,22 @@ class DoraVariant(LoraVariant):
         """`W' = g ⊙ (W + s·B·A)` per output channel, g from the current W (fp32, cast back); `g` is
         kept for the subtract-mode unmerge (as PEFT caches the weight norm)."""
         full = weight.float() + self.delta_weight(weight, tensors, scaling, layer)
-        rows = _weight_rows(full, layer)
+        rows = layer.kind.rows(full)
         g = tensors[MAGNITUDE].float().reshape(-1) / rows.norm(dim=1).clamp_min(norm_eps(weight.dtype))
-        return (full * _channel_view(g, full, layer)).to(weight.dtype), g
+        return (full * layer.kind.channel_view(g, full)).to(weight.dtype), g
 
     def unmerged_weight(self, merged, tensors, scaling: float, layer: LayerInfo, undo) -> torch.Tensor:
         """`W = W' / g − s·B·A` with the `g` of the merge (not bit-exact: W' was rounded)."""
-        full = merged.float() / _channel_view(undo, merged, layer)
+        full = merged.float() / layer.kind.channel_view(undo, merged)
         return (full - self.delta_weight(merged, tensors, scaling, layer)).to(merged.dtype)
 
 
-def _channel_view(g: torch.Tensor, weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
-    """A per-output-channel vector shaped to broadcast over the stored weight."""
-    if layer.kind in (HF_CONV1D, EMBEDDING):   # output channels are columns of the stored weight
-        return g.view(1, -1)
-    return g.view(-1, *([1] * (weight.dim() - 1)))
-
-
-def _factors(tensors, layer: LayerInfo):
-    """(A, B) as matrices with `W_rows ≈ B·A` in the row layout of `_weight_rows`."""
-    if layer.kind == EMBEDDING:
-        return tensors["lora_embedding_A"], tensors["lora_embedding_B"]
-    a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
-    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-
-
-def _weight_rows(weight: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
-    """The weight with one row per output channel (a view)."""
-    if layer.kind in (HF_CONV1D, EMBEDDING):
-        return weight.t()
-    return weight.reshape(weight.shape[0], -1)
-
-
-def _weight_rows_node(b, weight, layer: LayerInfo):
-    if layer.kind in (HF_CONV1D, EMBEDDING):
-        return b.call(aten.t.default, weight)
-    if layer.kind == CONV:
-        return b.call(aten.reshape.default, weight, [layer.out_features, -1])
-    return weight
-
-
-def _channel(b, vec, like, layer: LayerInfo):
-    """A per-channel vector reshaped to broadcast against `like` (dim 1 for conv, last otherwise)."""
-    if layer.kind != CONV:
-        return vec
-    rank = len(b.shape_of(like))
-    return b.call(aten.reshape.default, vec, [1, -1] + [1] * (rank - 2))
+def _matrix(b, node, rows: int):
+    """`node` as a [rows, -1] matrix (conv factors are 3- to 5-D; linear ones already 2-D)."""
+    shape = b.shape_of(node)
+    if shape is not None and len(shape) == 2:
+        return node
+    return b.call(aten.reshape.default, node, [rows, -1])
 
 
 register(DoraVariant())

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..graph_builder import node_value
-from ..layers import CONV, EMBEDDING, HF_CONV1D, LINEAR, LayerInfo
+from ..layers import LayerInfo
 from ..rules import Resolved
 from . import register
 from .base import SiteCall, TensorSpec, Variant
@@ -44,43 +44,32 @@ class LoraVariant(Variant):
         return True
 
     def check(self, res: Resolved, cfg: LoraConfig) -> None:
-        layer = res.layer
-        if layer.kind == EMBEDDING and cfg.lora_bias:
-            raise ConfigError(f"{layer.name}: lora_bias=True is not supported for Embedding layers (as in PEFT)")
-        if layer.kind == CONV and res.r % layer.groups != 0:
-            raise ConfigError(
-                f"{layer.name}: rank {res.r} is not divisible by the conv's groups={layer.groups}; "
-                "choose a rank that is (rank_pattern can set it per layer) or exclude the layer"
-            )
+        problem = res.layer.kind.check(res.layer, res.r, cfg)
+        if problem is not None:
+            raise ConfigError(f"{res.layer.name}: {problem}")
 
     def tensors(self, res: Resolved, cfg: LoraConfig) -> dict[str, TensorSpec]:
-        layer, r = res.layer, res.r
-        if layer.kind == EMBEDDING:
-            return {"lora_embedding_A": TensorSpec((r, layer.in_features)),
-                    "lora_embedding_B": TensorSpec((layer.out_features, r))}
-        if layer.kind == CONV:
-            ones = (1,) * layer.conv_dims
-            specs = {"lora_A.weight": TensorSpec((r, layer.in_features, *layer.kernel_size)),
-                     "lora_B.weight": TensorSpec((layer.out_features, r // layer.groups, *ones))}
-        else:
-            specs = {"lora_A.weight": TensorSpec((r, layer.in_features)),
-                     "lora_B.weight": TensorSpec((layer.out_features, r))}
+        layer = res.layer
+        a_key, b_key = layer.kind.factor_keys()
+        a_shape, b_shape = layer.kind.factor_shapes(layer, res.r)
+        specs = {a_key: TensorSpec(a_shape), b_key: TensorSpec(b_shape)}
         if cfg.lora_bias:
             specs["lora_B.bias"] = TensorSpec((layer.out_features,))
         return specs
 
     def init(self, tensors, res: Resolved, cfg: LoraConfig, generator=None) -> None:
         mode = cfg.init_lora_weights
+        a_key, b_key = res.layer.kind.factor_keys()
         with torch.no_grad():
-            if res.layer.kind == EMBEDDING:
-                a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
+            if res.layer.kind.lookup:
+                a, b = tensors[a_key], tensors[b_key]
                 if mode is False:
                     a.normal_(generator=generator)
                 else:
                     a.zero_()
                 b.normal_(generator=generator)
                 return
-            a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+            a, b = tensors[a_key], tensors[b_key]
             bias = tensors.get("lora_B.bias")
             if mode is False:
                 # nn.Linear / nn.ConvNd defaults: the adapter is not a no-op (used for tests).
@@ -108,13 +97,14 @@ class LoraVariant(Variant):
         # With lora_bias the bias is scaled too, so the product is scaled after B as PEFT does.
         scale_early = bias is None
         x = site.x
-        if layer.kind != EMBEDDING:  # embedding inputs are indices: no cast, no dropout (as PEFT)
+        if not layer.kind.lookup:  # indices (embedding inputs): no cast, no dropout (as PEFT)
             x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
             if site.training and cfg.lora_dropout > 0:
                 x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
-        if (layer.kind in (LINEAR, HF_CONV1D) and scale_early and not site.needs_grad
+        if (layer.kind.linear_family and scale_early and not site.needs_grad
                 and adapter_dtype == out_dtype and b.shape_of(site.base_out) is not None):
-            return _accumulate_into_base(b, site, x, params["lora_A.weight"], params["lora_B.weight"], scale)
+            a_key, b_key = layer.kind.factor_keys()
+            return _accumulate_into_base(b, site, x, params[a_key], params[b_key], scale)
         if adapter_dtype != out_dtype:
             # Mixed precision (fp32 adapters on a half base), PEFT's arithmetic exactly: the product
             # scaled after B, added to the base output in the wider dtype, rounded once.
@@ -129,29 +119,17 @@ class LoraVariant(Variant):
     def adapter_product(self, b, layer: LayerInfo, x, params, h_scale=None):
         """`B(h_scale · A(x))` (`B(A(x))` without `h_scale`) in the layer's own form: linear,
         embedding lookup of Aᵀ, or a conv A with the base's geometry and a 1x1 grouped conv B."""
-        if layer.kind == EMBEDDING:
-            pad = -1 if layer.padding_idx is None else layer.padding_idx
-            h = b.call(aten.embedding.default, b.call(aten.t.default, params["lora_embedding_A"]), x, pad)
-        elif layer.kind == CONV:
-            h = _conv(b, x, params["lora_A.weight"], None, layer.stride, layer.padding, layer.dilation, 1)
-        else:
-            h = b.call(aten.linear.default, x, params["lora_A.weight"])
+        a_key, b_key = layer.kind.factor_keys()
+        h = layer.kind.apply_a(b, layer, x, params[a_key])
         if h_scale is not None:
             h = b.call(aten.mul.Tensor, h, h_scale)
-        if layer.kind == EMBEDDING:
-            return b.call(aten.linear.default, h, params["lora_embedding_B"])
-        if layer.kind == CONV:
-            ones = [1] * layer.conv_dims
-            return _conv(b, h, params["lora_B.weight"], params.get("lora_B.bias"), ones, [0] * layer.conv_dims,
-                         ones, layer.groups)
-        return b.call(aten.linear.default, h, params["lora_B.weight"], params.get("lora_B.bias"))
+        return layer.kind.apply_b(b, layer, h, params[b_key], params.get("lora_B.bias"))
 
     def merge_blocker(self, res: Resolved, cfg: LoraConfig) -> str | None:
         layer = res.layer
-        if layer.kind == CONV and layer.groups > 1:
-            # lora_A is a dense conv over all input channels; a grouped base conv cannot hold the
-            # cross-group terms of B·A, so no weight of the base's shape computes the sum.
-            return f"the base conv has groups={layer.groups} and B·A connects every input channel group"
+        blocker = layer.kind.merge_blocker(layer)
+        if blocker is not None:
+            return blocker
         if cfg.lora_bias and not layer.has_bias:
             return ("lora_bias=True and the base layer has no bias to fold the adapter's bias into (PEFT cannot "
                     "merge this either)")
@@ -167,15 +145,8 @@ class LoraVariant(Variant):
         return (merged.float() - scaling * tensors["lora_B.bias"].float()).to(merged.dtype)
 
     def delta_weight(self, weight, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
-        if layer.kind == EMBEDDING:
-            a, b = tensors["lora_embedding_A"].float(), tensors["lora_embedding_B"].float()
-            return (b @ a).t() * scaling                        # (num_embeddings, dim)
-        a, b = tensors["lora_A.weight"].float(), tensors["lora_B.weight"].float()
-        if layer.kind == CONV:
-            # B is 1x1 with stride 1: the composite is one conv whose kernel is B·A per tap.
-            return (b.flatten(1) @ a.flatten(1)).view(weight.shape) * scaling
-        delta = b @ a * scaling                                 # (out, in)
-        return delta.t() if layer.kind == HF_CONV1D else delta  # Conv1D stores (in, out)
+        a, b = layer.kind.factor_matrices(*(tensors[k].float() for k in layer.kind.factor_keys()))
+        return layer.kind.from_rows(b @ a * scaling, weight.shape)
 
 
 def _accumulate_into_base(b, site: SiteCall, x, a, weight_b, scale):
@@ -199,15 +170,6 @@ def params_dtype(params) -> torch.dtype:
         if isinstance(val, torch.Tensor):
             return val.dtype
     return torch.float32
-
-
-def _conv(b, x, w, bias, stride, padding, dilation, groups):
-    n = len(stride)
-    if isinstance(padding, str):
-        op = {1: aten.conv1d.padding, 2: aten.conv2d.padding, 3: aten.conv3d.padding}[n]
-        return b.call(op, x, w, bias, list(stride), padding, list(dilation), groups)
-    return b.call(aten.convolution.default, x, w, bias, list(stride), list(padding), list(dilation),
-                  False, [0] * n, groups)
 
 
 register(LoraVariant())
