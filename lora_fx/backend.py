@@ -18,14 +18,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
 
-from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet, base_weight_keys
+from .adapters import PEFT_PREFIX, AdapterSet, base_weight_keys
+from .attached import AttachedModel, copy_into, layer_weights, submodule_or_none, unwrap
 from .config import LoraConfig
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
-from .layers import layers_of_module, output_layer_names
 from .passes.find_targets import (
     SITE_KEY,
     find_targets,
@@ -37,7 +36,6 @@ from .passes.find_targets import (
     weight_node,
 )
 from .passes.inject_adapters import inject_adapters, sanitize
-from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
 from .passes.substitute_saved_modules import (
     SAVED_READS_KEY,
     find_saved_module_reads,
@@ -46,10 +44,6 @@ from .passes.substitute_saved_modules import (
     substitute_saved_modules,
 )
 from .rules import refuse_fused_experts, resolve
-
-# model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
-# backend that is gone no longer blocks its model.
-_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _inner_backend(inner: str | Callable) -> Callable:
@@ -92,84 +86,46 @@ class LoraBackend:
         self.adapters = AdapterSet(config)
         self.adapter_dtype = adapter_dtype
         self._inner = _inner_backend(inner)
-        self._model: nn.Module | None = None
-        self._requires_grad_before: dict[str, bool] = {}
-        self._saved_paths: list[str] | None = None  # modules_to_save of the attached model
+        self._attached: AttachedModel | None = None
         self._param_names: dict[int, list[str]] | None = None  # id(parameter) -> its names in the model
         self._renames: dict[int, tuple] = {}  # id(parameter) -> (weakref, graph name, Rename)
         self.graphs_compiled = 0
-        self.merged = False
-        # While merged: layer -> (original weight data, original bias data) in the exact mode, or
-        # layer -> (what subtraction needs besides the adapter, whether the bias was merged too).
-        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        self._undo: dict[str, tuple[Any, bool]] = {}
 
     @property
     def config(self) -> LoraConfig:
         """The config of the adapter currently loaded (changes with `load_adapter`)."""
         return self.adapters.cfg
 
+    @property
+    def merged(self) -> bool:
+        """Whether the attached model's weights hold the merged adapters."""
+        return self._attached is not None and self._attached.merged
+
+    @property
+    def _model(self) -> nn.Module | None:
+        return self._attached.model if self._attached is not None else None
+
     # -- setup -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> LoraBackend:
         """Create the adapters for `model` now (so an optimizer can hold them before the first
         compiled call), freeze its base weights, and follow its train/eval mode for dropout."""
-        if isinstance(model, OptimizedModule):  # torch.compile's wrapper: attach to the model it wraps
-            model = model._orig_mod
+        model = unwrap(model)
         if self._model is model:
             return self
-        if self._model is not None:
+        if self._attached is not None:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
-        holder = _ATTACHED.get(model)
-        if holder is not None and holder() is not None:
-            raise LoraFxError(
-                "this model is already attached to another lora_fx backend; two backends on one model would fight "
-                "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
-                "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
-        refuse_fused_experts(self.config, ((n, tuple(p.shape)) for n, p in model.named_parameters()))
-        resolved = resolve(layers_of_module(model), self.config, output_layer_names(model))
-        self._saved_paths = select_saved_modules(self.config.saved_module_names(),
-                                                 [name for name, _ in model.named_modules()])
-        for path in self._saved_paths:
-            module = model.get_submodule(path)
-            buffers = sorted(set(module.state_dict()) - {n for n, _ in module.named_parameters()})
-            if buffers:
-                raise UnsupportedFeatureError(
-                    f"modules_to_save: module {path!r} has persistent buffers ({', '.join(buffers[:3])}: e.g. "
-                    "BatchNorm running statistics); saving modules with buffers is not supported yet")
-        self.adapters.add(resolved, dtype=self.adapter_dtype, weights=_layer_weights(model, resolved))
-        for path in self._saved_paths:
-            for name, p in model.get_submodule(path).named_parameters():
-                self.adapters.saved_copy(path, name, p)
-        if self._pending is not None:
-            self.adapters.load_peft_state_dict(self._pending, source="adapter directory", base=ModelWeights(model))
-            self._pending = None
-        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
-        for name, p in model.named_parameters():
-            p.requires_grad_(self._base_trainable(name, resolved))
-        self._model = model
-        _ATTACHED[model] = weakref.ref(self)
+        self._attached = AttachedModel.attach(model, self, self.adapters, self._pending, self.adapter_dtype)
+        self._pending = None
         return self
 
     def detach(self) -> None:
         """Release the attached model: its parameters get back the `requires_grad` flags they had
         before `attach`, and another backend may attach to it. Refused while merged."""
-        if self._model is None:
+        if self._attached is None:
             return
-        self._refuse_if_merged("detach")
-        for name, p in self._model.named_parameters():
-            p.requires_grad_(self._requires_grad_before.get(name, p.requires_grad))
-        _ATTACHED.pop(self._model, None)
-        self._model = None
+        self._attached.detach()
+        self._attached = None
         self._param_names, self._renames = None, {}
-
-    def _base_trainable(self, param_name: str, resolved) -> bool:
-        bias = self.config.bias
-        if bias == "all":
-            return "bias" in param_name
-        if bias == "lora_only":
-            owner, _, leaf = param_name.rpartition(".")
-            return leaf == "bias" and owner in resolved
-        return False
 
     def parameters(self, model: nn.Module | None = None) -> list[nn.Parameter]:
         """The trainable tensors: adapters (and base biases per `bias=`). With `model`, attach
@@ -177,8 +133,8 @@ class LoraBackend:
         if model is not None:
             self.attach(model)
         params = self.adapters.parameters()
-        if self._model is not None and self.config.bias != "none":
-            params += [p for p in self._model.parameters() if p.requires_grad]
+        if self._attached is not None:
+            params += self._attached.trainable_base_parameters()
         return params
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -189,16 +145,11 @@ class LoraBackend:
         """Write a PEFT adapter directory (`PeftModel.from_pretrained` reads it)."""
         if not len(self.adapters):
             raise LoraFxError("no adapters yet: call lora.parameters(model) or run the compiled model first")
+        if self._attached is not None:
+            self._attached.save_adapter(path)
+            return
         self.adapters.check_savable()
-        self._follow_model()
-        tensors = self.adapters.peft_state_dict()
-        if self._model is not None:
-            base = ModelWeights(self._model)
-            for layer in self.adapters.base_layers_to_save(self.adapters.entries):
-                # While merged the model's weight holds the adapter: save the original.
-                weight = self._original_weight(layer) if self.merged else base.get(layer)
-                tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = weight
-        write_adapter_dir(path, self.adapters.config_to_save(), tensors)
+        write_adapter_dir(path, self.adapters.config_to_save(), self.adapters.peft_state_dict())
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Load another adapter of the same shapes in place; compiled code is reused as is.
@@ -206,16 +157,17 @@ class LoraBackend:
         Its config becomes the backend's: scalings follow its `lora_alpha` (and patterns),
         `save_adapter` writes it, and the scale factor goes back to 1. A different
         `lora_dropout` takes effect too (training graphs are rebuilt for it)."""
-        self._refuse_if_merged("load_adapter")
-        self._follow_model()
+        if self._attached is not None:
+            self._attached.load_adapter(path)
+            return
         cfg, tensors = read_adapter_dir(path)
-        base = ModelWeights(self._model) if self._model is not None else None
-        self.adapters.load(cfg, tensors, source=os.fspath(path), base=base)
+        self.adapters.load(cfg, tensors, source=os.fspath(path))
 
     def set_scale(self, factor: float) -> None:
         """Multiply every layer's configured scaling by `factor` (0 disables the adapters; 1
         restores the loaded adapter's own scaling)."""
-        self._refuse_if_merged("set_scale")
+        if self._attached is not None:
+            self._attached.refuse_if_merged("set_scale")
         self.adapters.set_scale(factor)
 
     # -- merging ------------------------------------------------------------------------------
@@ -229,81 +181,25 @@ class LoraBackend:
         unmerge subtracts. The compiled model switches to a graph without adapters: compiled
         once per mode, ever, however often merge/unmerge alternate.
         """
-        if self._model is None:
+        if self._attached is None:
             raise LoraFxError("merge needs the model: attach it first with lora.parameters(model)")
-        if self.merged:
-            raise LoraFxError("the adapters are already merged")
-        check_mergeable(self.adapters)
-        self._follow_model()
-        params = _layer_params(self._model, self.adapters.entries)
-        _check_untied(self._model, {name: w for name, (w, _) in params.items()})
-        merged = {name: merged_layer(self.adapters.entries[name], w, b, safe_merge=safe_merge)
-                  for name, (w, b) in params.items()}  # all computed (and checked) before any is installed
-        self._originals = {} if keep_original else None
-        self._undo = {}
-        with torch.no_grad():
-            for name, (w, b) in params.items():
-                m = merged[name]
-                new_bias = b if m.bias is None else m.bias
-                if keep_original:
-                    self._originals[name] = (w.data, b.data if b is not None else None)
-                    w.data = m.weight
-                    if b is not None:
-                        b.data = new_bias
-                else:
-                    w.copy_(m.weight)
-                    if m.bias is not None:
-                        b.copy_(m.bias)
-                    self._undo[name] = (m.undo, m.bias is not None)
-        self.merged = True
+        self._attached.merge(safe_merge=safe_merge, keep_original=keep_original)
 
     def unmerge(self) -> None:
         """Back to adapter compute over the original weights (bit-exact after a default merge)."""
-        if not self.merged:
+        if self._attached is None:
             raise LoraFxError("the adapters are not merged")
-        params = _layer_params(self._model, self.adapters.entries)
-        with torch.no_grad():
-            for name, (w, b) in params.items():
-                if self._originals is not None:
-                    w.data, original_bias = self._originals[name]
-                    if b is not None:
-                        b.data = original_bias
-                    continue
-                undo, bias_changed = self._undo[name]
-                weight, bias = subtracted_layer(self.adapters.entries[name],
-                                                MergedLayer(w, b if bias_changed else None, undo))
-                w.copy_(weight)
-                if bias is not None:
-                    b.copy_(bias)
-        self._originals = None
-        self._undo = {}
-        self.merged = False
+        self._attached.unmerge()
 
     def _saved_modules_in(self, gm: fx.GraphModule) -> list[str]:
         """The modules saved in full (modules_to_save): the attached model's, else those of this graph."""
-        if self._saved_paths is not None:
-            return self._saved_paths
+        if self._attached is not None:
+            return self._attached.saved_paths
         return select_saved_modules(self.config.saved_module_names(), module_paths(gm))
 
     def _follow_model(self) -> None:
-        """Adapters on their base weights' devices (materialised if made on the meta device)."""
-        if self._model is not None:
-            sources = {(module, name): self._model.get_submodule(module).get_parameter(name)
-                       for module, copies in self.adapters.saved.items() for name in copies}
-            self.adapters.follow(_layer_weights(self._model, self.adapters.entries), sources)
-
-    def _original_weight(self, layer: str) -> torch.Tensor:
-        """A merged layer's weight as it was before the merge."""
-        if self._originals is not None:
-            return self._originals[layer][0]
-        undo, _ = self._undo[layer]
-        weight = self._model.get_submodule(layer).weight
-        return subtracted_layer(self.adapters.entries[layer], MergedLayer(weight, None, undo))[0]
-
-    def _refuse_if_merged(self, what: str) -> None:
-        if self.merged:
-            raise LoraFxError(f"{what} while the adapters are merged would leave stale merged weights; "
-                              "call lora_fx.unmerge(lora) first")
+        if self._attached is not None:
+            self._attached.follow()
 
     # -- the backend -------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
@@ -418,7 +314,7 @@ class LoraBackend:
             else:  # persistence is read from the attached model; without one a buffer counts as persistent
                 owner, _, leaf = fqn.rpartition(".")
                 transient = self._model is not None and leaf in getattr(
-                    _submodule_or_none(self._model, owner), "_non_persistent_buffers_set", set())
+                    submodule_or_none(self._model, owner), "_non_persistent_buffers_set", set())
                 kinds[node.name] = ("buffer" if transient else "persistent_buffer", fqn)
         return RenamedGraph(gm, state_names, lambda node: kinds.get(node.name) if node.op == "placeholder" else None)
 
@@ -489,7 +385,7 @@ class LoraBackend:
         values = dict(zip(placeholders, example_inputs, strict=False))
         by_name = {named.state_names[node.name]: value for node, value in values.items()
                    if node.name in named.state_names}
-        base = graph_base_weights(site_nodes, by_name.get, _copy_into(by_name))
+        base = graph_base_weights(site_nodes, by_name.get, copy_into(by_name))
         added = self.adapters.add(resolved, dtype=self.adapter_dtype,
                                   weights={layer: base.get(layer) for layer in resolved})
         new_saved: list[str] = []
@@ -515,13 +411,13 @@ class LoraBackend:
         gm = named.gm
         if self._model is not None:
             values = dict(zip(_placeholders(gm), example_inputs, strict=False))
-            adapted_weights = {id(w): name for name, w in _layer_weights(self._model, self.adapters.entries).items()}
+            adapted_weights = {id(w): name for name, w in layer_weights(self._model, self.adapters.entries).items()}
             for node in site_nodes:
                 layer = node.meta[SITE_KEY].layer.name
                 weight = values.get(weight_node(node))
                 owner = adapted_weights.get(id(weight)) if weight is not None else None
                 if owner is not None and owner != layer and getattr(
-                        _submodule_or_none(self._model, layer), "weight", None) is not weight:
+                        submodule_or_none(self._model, layer), "weight", None) is not weight:
                     raise LoraFxError(f"layer {owner!r}'s weight is read in the compiled graph under the name "
                                       f"{layer!r}, which lora_fx cannot match to the attached model; compile the "
                                       "model itself")
@@ -597,70 +493,6 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 def _source_name(node: fx.Node) -> str | None:
     source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
     return None if source is None else source.name
-
-
-def _submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-class ModelWeights:
-    """`BaseWeights` of an attached model: loaded base weights are copied into its parameters in
-    place, as PEFT's loading does."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def get(self, layer: str) -> torch.Tensor | None:
-        weight = getattr(_submodule_or_none(self.model, layer), "weight", None)
-        return weight if isinstance(weight, torch.Tensor) else None
-
-    def set(self, layer: str, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.get(layer).copy_(value)
-
-    def is_embedding(self, layer: str) -> bool:
-        module = self.model.get_submodule(layer)
-        ends = [getattr(self.model, f"get_{side}_embeddings", lambda: None) for side in ("input", "output")]
-        try:
-            ends = [get() for get in ends]
-        except (NotImplementedError, AttributeError):
-            ends = []
-        return isinstance(module, nn.Embedding) or any(module is end for end in ends if end is not None)
-
-
-def _copy_into(tensors: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], None]:
-    def write(name: str, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            tensors[name].copy_(value)
-    return write
-
-
-def _layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
-    return {name: model.get_submodule(name).weight for name in names}
-
-
-def _layer_params(model: nn.Module, names) -> dict[str, tuple[nn.Parameter, nn.Parameter | None]]:
-    """layer -> (its weight, its bias or None)."""
-    return {name: (model.get_submodule(name).weight, getattr(model.get_submodule(name), "bias", None))
-            for name in names}
-
-
-def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Refuse to merge into a weight that another module also uses (tied weights)."""
-
-    owners: dict[int, list[str]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(mod_name)
-    for name, w in weights.items():
-        others = sorted(set(owners.get(id(w), [])) - {name})
-        if others:
-            raise UnsupportedFeatureError(
-                f"cannot merge the adapter of {name!r}: its weight is shared with {', '.join(map(repr, others))} "
-                "(tied weights); merging would change those layers too. Untie the weights, or run unmerged")
 
 
 def backend(spec: Spec, **kwargs) -> LoraBackend:

@@ -1,0 +1,262 @@
+"""The adapter state of an attached model: what `lora_fx.backend(...)` does to the model itself.
+
+`AttachedModel` owns everything about one `nn.Module` and its adapters that is not compiling:
+creating the adapters for its layers (`attach`), the base parameters' `requires_grad` flags
+(frozen on attach, restored on `detach`), saving and loading PEFT directories with the model's
+base weights, the scale factor, and merging into / unmerging from the model's weights. The
+Dynamo callable (`backend.py`) reads this state; it never changes the model.
+
+Invariants: one attached model per backend and one backend per model (`_ATTACHED`); while
+merged, the model's adapted `nn.Parameter` objects are the same ones (their `.data` holds merged
+values), and anything that would change what is merged (load, scale, detach) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
+
+from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
+from .errors import LoraFxError, UnsupportedFeatureError
+from .io import read_adapter_dir, write_adapter_dir
+from .layers import layers_of_module, output_layer_names
+from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
+from .passes.substitute_saved_modules import select_saved_modules
+from .rules import refuse_fused_experts, resolve
+
+# model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
+# backend that is gone no longer blocks its model.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a `torch.compile` wrapper wraps (the model itself otherwise)."""
+    return model._orig_mod if isinstance(model, OptimizedModule) else model
+
+
+class AttachedModel:
+    """One model with its adapters; see the module docstring. Made by `attach`."""
+
+    def __init__(self, model: nn.Module, adapters: AdapterSet, saved_paths: list[str],
+                 requires_grad_before: dict[str, bool]):
+        self.model = model
+        self.adapters = adapters
+        self.saved_paths = saved_paths  # modules_to_save of the model
+        self._requires_grad_before = requires_grad_before
+        self.merged = False
+        # While merged: layer -> (original weight data, original bias data) in the exact mode, or
+        # layer -> (what subtraction needs besides the adapter, whether the bias was merged too).
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._undo: dict[str, tuple[Any, bool]] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module, owner: object, adapters: AdapterSet, pending: dict | None,
+               adapter_dtype: torch.dtype | None) -> AttachedModel:
+        """Create `adapters` for `model`'s targeted layers (loading `pending`, a PEFT state dict, if
+        given), freeze its base weights, and register `owner` as the model's one backend."""
+        holder = _ATTACHED.get(model)
+        if holder is not None and holder() is not None:
+            raise LoraFxError(
+                "this model is already attached to another lora_fx backend; two backends on one model would fight "
+                "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
+                "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
+        cfg = adapters.cfg
+        refuse_fused_experts(cfg, ((n, tuple(p.shape)) for n, p in model.named_parameters()))
+        resolved = resolve(layers_of_module(model), cfg, output_layer_names(model))
+        saved_paths = select_saved_modules(cfg.saved_module_names(), [name for name, _ in model.named_modules()])
+        for path in saved_paths:
+            module = model.get_submodule(path)
+            buffers = sorted(set(module.state_dict()) - {n for n, _ in module.named_parameters()})
+            if buffers:
+                raise UnsupportedFeatureError(
+                    f"modules_to_save: module {path!r} has persistent buffers ({', '.join(buffers[:3])}: e.g. "
+                    "BatchNorm running statistics); saving modules with buffers is not supported yet")
+        adapters.add(resolved, dtype=adapter_dtype, weights=layer_weights(model, resolved))
+        for path in saved_paths:
+            for name, p in model.get_submodule(path).named_parameters():
+                adapters.saved_copy(path, name, p)
+        if pending is not None:
+            adapters.load_peft_state_dict(pending, source="adapter directory", base=ModelWeights(model))
+        before = {name: p.requires_grad for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            p.requires_grad_(_base_trainable(cfg.bias, name, resolved))
+        _ATTACHED[model] = weakref.ref(owner)
+        return cls(model, adapters, saved_paths, before)
+
+    def detach(self) -> None:
+        """Give the parameters back the `requires_grad` flags they had before `attach`."""
+        self.refuse_if_merged("detach")
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad_before.get(name, p.requires_grad))
+        _ATTACHED.pop(self.model, None)
+
+    def trainable_base_parameters(self) -> list[nn.Parameter]:
+        """The base parameters trained with the adapters (`bias="all"` / `"lora_only"`)."""
+        if self.adapters.cfg.bias == "none":
+            return []
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- adapter values ----------------------------------------------------------------------
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        self.adapters.check_savable()
+        self.follow()
+        tensors = self.adapters.peft_state_dict()
+        base = ModelWeights(self.model)
+        for layer in self.adapters.base_layers_to_save(self.adapters.entries):
+            # While merged the model's weight holds the adapter: save the original.
+            weight = self._original_weight(layer) if self.merged else base.get(layer)
+            tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = weight
+        write_adapter_dir(path, self.adapters.config_to_save(), tensors)
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        self.refuse_if_merged("load_adapter")
+        self.follow()
+        cfg, tensors = read_adapter_dir(path)
+        self.adapters.load(cfg, tensors, source=os.fspath(path), base=ModelWeights(self.model))
+
+    def follow(self) -> None:
+        """Adapters on their base weights' devices (materialised if made on the meta device)."""
+        sources = {(module, name): self.model.get_submodule(module).get_parameter(name)
+                   for module, copies in self.adapters.saved.items() for name in copies}
+        self.adapters.follow(layer_weights(self.model, self.adapters.entries), sources)
+
+    def refuse_if_merged(self, what: str) -> None:
+        if self.merged:
+            raise LoraFxError(f"{what} while the adapters are merged would leave stale merged weights; "
+                              "call lora_fx.unmerge(lora) first")
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, *, safe_merge: bool = False, keep_original: bool = True) -> None:
+        """Point the adapted `nn.Parameter`s at merged values (see `LoraBackend.merge`)."""
+        if self.merged:
+            raise LoraFxError("the adapters are already merged")
+        check_mergeable(self.adapters)
+        self.follow()
+        params = _layer_params(self.model, self.adapters.entries)
+        _check_untied(self.model, {name: w for name, (w, _) in params.items()})
+        merged = {name: merged_layer(self.adapters.entries[name], w, b, safe_merge=safe_merge)
+                  for name, (w, b) in params.items()}  # all computed (and checked) before any is installed
+        self._originals = {} if keep_original else None
+        self._undo = {}
+        with torch.no_grad():
+            for name, (w, b) in params.items():
+                m = merged[name]
+                new_bias = b if m.bias is None else m.bias
+                if keep_original:
+                    self._originals[name] = (w.data, b.data if b is not None else None)
+                    w.data = m.weight
+                    if b is not None:
+                        b.data = new_bias
+                else:
+                    w.copy_(m.weight)
+                    if m.bias is not None:
+                        b.copy_(m.bias)
+                    self._undo[name] = (m.undo, m.bias is not None)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise LoraFxError("the adapters are not merged")
+        params = _layer_params(self.model, self.adapters.entries)
+        with torch.no_grad():
+            for name, (w, b) in params.items():
+                if self._originals is not None:
+                    w.data, original_bias = self._originals[name]
+                    if b is not None:
+                        b.data = original_bias
+                    continue
+                undo, bias_changed = self._undo[name]
+                weight, bias = subtracted_layer(self.adapters.entries[name],
+                                                MergedLayer(w, b if bias_changed else None, undo))
+                w.copy_(weight)
+                if bias is not None:
+                    b.copy_(bias)
+        self._originals = None
+        self._undo = {}
+        self.merged = False
+
+    def _original_weight(self, layer: str) -> torch.Tensor:
+        """A merged layer's weight as it was before the merge."""
+        if self._originals is not None:
+            return self._originals[layer][0]
+        undo, _ = self._undo[layer]
+        weight = self.model.get_submodule(layer).weight
+        return subtracted_layer(self.adapters.entries[layer], MergedLayer(weight, None, undo))[0]
+
+
+def _base_trainable(bias: str, param_name: str, resolved) -> bool:
+    if bias == "all":
+        return "bias" in param_name
+    if bias == "lora_only":
+        owner, _, leaf = param_name.rpartition(".")
+        return leaf == "bias" and owner in resolved
+    return False
+
+
+def submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+class ModelWeights:
+    """`BaseWeights` of an attached model: loaded base weights are copied into its parameters in
+    place, as PEFT's loading does."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def get(self, layer: str) -> torch.Tensor | None:
+        weight = getattr(submodule_or_none(self.model, layer), "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+
+    def set(self, layer: str, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.get(layer).copy_(value)
+
+    def is_embedding(self, layer: str) -> bool:
+        module = self.model.get_submodule(layer)
+        ends = [getattr(self.model, f"get_{side}_embeddings", lambda: None) for side in ("input", "output")]
+        try:
+            ends = [get() for get in ends]
+        except (NotImplementedError, AttributeError):
+            ends = []
+        return isinstance(module, nn.Embedding) or any(module is end for end in ends if end is not None)
+
+
+def copy_into(tensors: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], None]:
+    def write(name: str, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            tensors[name].copy_(value)
+    return write
+
+
+def layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
+    return {name: model.get_submodule(name).weight for name in names}
+
+
+def _layer_params(model: nn.Module, names) -> dict[str, tuple[nn.Parameter, nn.Parameter | None]]:
+    """layer -> (its weight, its bias or None)."""
+    return {name: (model.get_submodule(name).weight, getattr(model.get_submodule(name), "bias", None))
+            for name in names}
+
+
+def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse to merge into a weight that another module also uses (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mod_name)
+    for name, w in weights.items():
+        others = sorted(set(owners.get(id(w), [])) - {name})
+        if others:
+            raise UnsupportedFeatureError(
+                f"cannot merge the adapter of {name!r}: its weight is shared with {', '.join(map(repr, others))} "
+                "(tied weights); merging would change those layers too. Untie the weights, or run unmerged")
