@@ -18,7 +18,8 @@ from .graph_builder import attr_at, copy_graph_module, install_attr
 from .io import read_adapter_dir, write_adapter_dir
 from .merging import MERGED_ATTR, unmerge
 from .passes.find_targets import find_targets
-from .program import NamedWeights, _adapters_of, frozen, graph_base_weights
+from .program import NamedWeights, frozen, graph_base_weights
+from .program_adapters import adapters_of, is_trained_program, record_config
 
 
 def save_adapter(obj, path: str | os.PathLike) -> None:
@@ -37,7 +38,7 @@ def save_adapter(obj, path: str | os.PathLike) -> None:
     if isinstance(obj, LoraBackend):
         obj.save_adapter(path)
         return
-    adapters = _adapters_of(obj)
+    adapters = _merged_adapters(obj) if _is_merged(obj) else adapters_of(obj)
     adapters.check_savable()
     tensors = adapters.peft_state_dict()
     base = _base_weights_of(unmerge(obj) if _is_merged(obj) else obj)  # a merged program's weights hold the adapter
@@ -69,14 +70,19 @@ def load_adapter(obj, path: str | os.PathLike) -> None:
     if _is_merged(obj):
         raise LoraFxError("this program has its adapters merged into its weights; loading another adapter would "
                           "leave those merged values in place. Call lora_fx.unmerge on it first")
-    adapters: AdapterSet = _adapters_of(obj)
+    adapters: AdapterSet = adapters_of(obj)
     cfg, tensors = read_adapter_dir(path)
-    baked = adapters.cfg.lora_dropout if getattr(obj, "lora_fx_train", False) else None
+    baked = adapters.cfg.lora_dropout if is_trained_program(obj) else None
     adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(obj))
+    record_config(obj, cfg)  # the program's record follows what it now holds
 
 
 def _is_merged(obj) -> bool:
     return getattr(obj, MERGED_ATTR, None) is not None
+
+
+def _merged_adapters(obj) -> AdapterSet:
+    return getattr(obj, MERGED_ATTR).adapters
 
 
 def _base_weights_of(obj) -> NamedWeights:

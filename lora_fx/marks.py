@@ -8,7 +8,11 @@ layer name) or lists of strings, so they serialise.
 - `ADAPTER`: on every node an adapter subgraph added (the layer name).
 - `OUTPUT`: on the node that replaced a base call's output (the layer name).
 - `INPUT`: on the graph inputs that feed adapter tensors (`[layer, key]`).
+- `BASE`: on the base call of an adapted site (the layer name); decompositions copy it onto every
+  node the call becomes, so the base output an adapter reads stays recognisable.
 - `MERGED`: on a base call whose weight holds a merged adapter (the layer name).
+- `CONFIG`: on every adapter output (and merged base call): the adapter's config and whether
+  its dropout is compiled in, as JSON (`program_adapters.py` reads a program's adapters from it).
 
 `meta["custom"]` is never mutated in place: graph copies share node meta dicts shallowly, and
 the caller's graph must not change when a copy is marked.
@@ -16,6 +20,7 @@ the caller's graph must not change when a copy is marked.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch.fx as fx
@@ -25,6 +30,23 @@ ADAPTER = "lora_fx.adapter"
 OUTPUT = "lora_fx.output"
 INPUT = "lora_fx.input"
 MERGED = "lora_fx.merged"
+BASE = "lora_fx.base"
+CONFIG = "lora_fx.config"
+
+
+def config_mark(config: dict, train: bool) -> str:
+    """The `CONFIG` mark's value: the config as PEFT saves it, and whether dropout is compiled in."""
+    return json.dumps({"config": config, "train": bool(train)}, sort_keys=True, default=list)
+
+
+def read_config_mark(graph: fx.Graph) -> tuple[dict, bool] | None:
+    """(config dict, train) from the first `CONFIG` mark of `graph`, or None."""
+    for node in graph.nodes:
+        value = get_mark(node, CONFIG)
+        if value is not None:
+            data = json.loads(value)
+            return data["config"], bool(data["train"])
+    return None
 
 
 def set_mark(node: fx.Node, key: str, value: Any) -> None:

@@ -29,8 +29,8 @@ from .adapters import AdapterSet
 from .backend import LoraBackend
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
-from .marks import INPUT, get_mark
-from .passes.find_targets import SITE_KEY
+from .marks import INPUT, MERGED, get_mark, marked_layers
+from .passes.find_targets import SITE_KEY, find_targets
 from .passes.merge_adapters import (
     MergedLayer,
     check_mergeable,
@@ -42,13 +42,13 @@ from .passes.merge_adapters import (
 from .passes.substitute_saved_modules import COPY_PREFIX
 from .program import (
     ADAPTERS_ATTR,
-    _adapters_of,
     _copy_program_graph,
     _new_program,
     _repointed_outputs,
     _transform_graph_module,
     _transform_program,
 )
+from .program_adapters import adapters_of, is_trained_program
 
 MERGED_ATTR = "lora_fx_merged"
 
@@ -120,6 +120,12 @@ def unmerge(obj):
         obj.unmerge()
         return obj
     record = getattr(obj, MERGED_ATTR, None)
+    if not isinstance(record, MergeRecord) and isinstance(obj, (ExportedProgram, fx.GraphModule)) \
+            and marked_layers(obj.graph, MERGED):
+        raise LoraFxError(
+            f"this {type(obj).__name__} is a copy of a merged program (run_decompositions, .module() or "
+            "torch.export.save/load after lora_fx.merge); a merged program is the base program with merged weights, "
+            "and what unmerge needs stays with the program lora_fx.merge returned: unmerge that one")
     if not isinstance(record, MergeRecord):
         raise LoraFxError(f"this {type(obj).__name__} was not made by lora_fx.merge; nothing to unmerge")
     if isinstance(obj, ExportedProgram):
@@ -130,12 +136,13 @@ def unmerge(obj):
 # -- ExportedProgram ---------------------------------------------------------------------------
 
 def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -> ExportedProgram:
-    adapters = _adapters_of(ep)
+    adapters = adapters_of(ep)
     gm, sig = _copy_program_graph(ep)
+    find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})  # the sites, read afresh
     sites, erased = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
-    record = MergeRecord(adapters.snapshot(), bool(getattr(ep, "lora_fx_train", False)),
+    record = MergeRecord(adapters.snapshot(), is_trained_program(ep),
                          originals={} if keep_original else None)
     new_values = {}
     for layer, calls in sites.items():
@@ -185,12 +192,13 @@ def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgra
 # -- GraphModule -------------------------------------------------------------------------------
 
 def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: bool) -> fx.GraphModule:
-    adapters = _adapters_of(gm_in)
+    adapters = adapters_of(gm_in)
     gm = copy_graph_module(gm_in)
+    find_targets(gm)  # the sites, read afresh (a copy of a program keeps only the marks)
     sites, _ = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
-    record = MergeRecord(adapters.snapshot(), bool(getattr(gm_in, "lora_fx_train", False)),
+    record = MergeRecord(adapters.snapshot(), is_trained_program(gm_in),
                          originals={} if keep_original else None)
     _keep_only_read_inputs(gm, record.adapters)
     installs = []

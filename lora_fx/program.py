@@ -243,10 +243,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
             value = nn.Parameter(value.detach(), requires_grad=trainable)  # shares storage
         state_dict[key] = value
     state_dict.update(state)
-    new_ep = _new_program(ep, gm, new_sig, state_dict)
-    new_ep.lora_fx_adapters = adapters  # for save_adapter(ep)
-    new_ep.lora_fx_train = train
-    return new_ep
+    return _new_program(ep, gm, new_sig, state_dict)
 
 
 def _clear_merged_marks(graph: fx.Graph) -> None:
@@ -336,17 +333,4 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     for name, p in gm.named_parameters():
         if not name.startswith(ADAPTERS_ATTR + "."):
             p.requires_grad_(False)
-    gm.lora_fx_adapters_set = adapters
-    gm.lora_fx_train = train
     return gm
-
-
-def _adapters_of(obj) -> AdapterSet:
-    for attr in ("lora_fx_adapters", "lora_fx_adapters_set"):  # ExportedProgram, GraphModule
-        adapters = getattr(obj, attr, None)
-        if isinstance(adapters, AdapterSet):
-            return adapters
-    record = getattr(obj, "lora_fx_merged", None)  # a merged program still knows its adapter
-    if record is not None:
-        return record.adapters
-    raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")

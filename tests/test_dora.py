@@ -164,7 +164,7 @@ def test_factored_norm_equals_dense_norm_and_never_builds_out_by_in():
     ep = torch.export.export(model, (torch.randn(3, 48),))
     cfg = lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights=False)
     ep2 = lora_fx.transform(ep, cfg)
-    entry = ep2.lora_fx_adapters.entries["0"]
+    entry = lora_fx.program_adapters.adapters_of(ep2).entries["0"]
     a, b = entry.tensors["lora_A.weight"].detach(), entry.tensors["lora_B.weight"].detach()
     dense = (model[0].weight + 2.0 * b @ a).norm(dim=1)
     # the magnitude was initialised from the dense norm; the graph's factored norm must agree

@@ -63,7 +63,8 @@ def test_linear_site_inference_form_accumulates_into_the_base_output():
         .check("reshape_default_2 = torch.ops.aten.reshape.default(addmm_default, [3, 5, 8])") \
         .check("relu = torch.ops.aten.relu.default(reshape_default_2)").run(ep2.graph_module.code)
     train_form = lora_fx.transform(ep, cfg, train=True)
-    train_form.lora_fx_adapters.load_peft_state_dict(ep2.lora_fx_adapters.peft_state_dict())  # same values
+    lora_fx.program_adapters.adapters_of(train_form).load_peft_state_dict(
+        lora_fx.program_adapters.adapters_of(ep2).peft_state_dict())  # same values
     with torch.no_grad():
         want = train_form.module()(x)
         got = ep2.module()(x)

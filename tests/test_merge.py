@@ -114,7 +114,7 @@ def test_exported_program_merge_and_unmerge(name, dtype):
 def test_merged_weights_computed_in_fp32_and_cast_back():
     model, inputs, ep, ep_lora = _build("llama", torch.bfloat16)
     merged = lora_fx.merge(ep_lora)
-    entry = ep_lora.lora_fx_adapters.entries["model.layers.1.self_attn.q_proj"]
+    entry = lora_fx.program_adapters.adapters_of(ep_lora).entries["model.layers.1.self_attn.q_proj"]
     key = "model.layers.1.self_attn.q_proj.weight"
     w = ep.state_dict[key]
     a, b = entry.tensors["lora_A.weight"].detach(), entry.tensors["lora_B.weight"].detach()
@@ -321,7 +321,7 @@ def test_lora_bias_on_a_layer_without_bias_refuses_to_merge_and_changes_nothing(
 
 def test_safe_merge_names_the_layer_and_changes_nothing():
     model, inputs, ep, ep_lora = _build("llama")
-    entry = ep_lora.lora_fx_adapters.entries["model.layers.2.self_attn.v_proj"]
+    entry = lora_fx.program_adapters.adapters_of(ep_lora).entries["model.layers.2.self_attn.v_proj"]
     with torch.no_grad():
         entry.tensors["lora_B.weight"][0, 0] = float("inf")
     with pytest.raises(lora_fx.LoraFxError, match=r"safe_merge.*'model.layers.2.self_attn.v_proj'"):

@@ -97,7 +97,7 @@ def test_modules_to_save_match_peft(tmp_path, name, route):
         prog = lora_fx.transform(ep if route == "program" else ep.module(), path)
         module = prog.module() if route == "program" else prog
         out = forward_backward(module, x, extract)
-        adapters = lora_fx.program._adapters_of(prog)
+        adapters = lora_fx.program_adapters.adapters_of(prog)
     assert_close(out, ref, f"{name} via {route}")
     check_grads(adapters.named_parameters(), ref_grads, f"{name} via {route}")
     assert adapters.saved, "no module was saved"

@@ -68,7 +68,7 @@ def test_graph_module_matches_peft(model_name, tmp_path):
     out = extract(gm(x))
     assert_close(out, ref, f"{model_name} transform(gm) forward")
     (out * w).sum().backward()
-    check_grads(gm.lora_fx_adapters_set.named_parameters(), ref_grads, f"{model_name} transform(gm)")
+    check_grads(lora_fx.program_adapters.adapters_of(gm).named_parameters(), ref_grads, f"{model_name} transform(gm)")
 
 
 def test_symbolic_trace_graph_module_matches_peft(tmp_path):

@@ -302,7 +302,7 @@ def test_a_class_this_process_has_not_imported_is_refused_not_guessed(tmp_path):
     save = ("import sys, torch, lora_fx; sys.path.insert(0, sys.argv[1]); from routerpkg import M\n"
             "ep = torch.export.export(M(), (torch.randn(2, 8),)); torch.export.save(ep, sys.argv[2])\n"
             "cfg = lora_fx.LoraConfig(r=2, target_modules='all-linear')\n"
-            "print(sorted(lora_fx.transform(ep, cfg).lora_fx_adapters.entries))\n")
+            "print(sorted(lora_fx.program_adapters.adapters_of(lora_fx.transform(ep, cfg)).entries))\n")
     load = ("import sys, torch, lora_fx; ep = torch.export.load(sys.argv[2])\n"
             "cfg = lora_fx.LoraConfig(r=2, target_modules='all-linear')\n"
             "try:\n    lora_fx.transform(ep, cfg); print('accepted')\n"

@@ -176,10 +176,15 @@ def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, cls, state_n
     while isinstance(cur, fx.Node) and cur in in_scope and cur.op in ("call_function", "call_method"):
         upstream.append(cur)
         cur = cur.args[0] if cur.args else None
-    downstream, todo = [], [op]
+    downstream, todo, seen = [], [op], set()
     while todo:
         for user in todo.pop().users:
-            if user in in_scope and user not in downstream and _is_tensor(user):
+            if user in seen:
+                continue
+            seen.add(user)
+            if has_mark(user, ADAPTER):  # a transformed graph: the module's own nodes follow the adapter's
+                todo.append(user)
+            elif user in in_scope and _is_tensor(user):
                 downstream.append(user)
                 todo.append(user)
     for n in upstream:
@@ -190,7 +195,8 @@ def _placement_problem(op: fx.Node, parsed: ParsedCall, layer: str, cls, state_n
         name = _target_name(n)
         if name in _VIEWS:
             continue
-        others = [a for a in n.args if isinstance(a, fx.Node) and a not in downstream and a is not op]
+        others = [a for a in n.args if isinstance(a, fx.Node) and a not in downstream and a is not op
+                  and not has_mark(a, ADAPTER)]
         if name == "add" and len(others) == 1 and _state_name(others[0], state_names) == f"{layer}.bias":
             added_bias = f"{layer}.bias"
             continue

@@ -8,11 +8,12 @@ registered parameters (plain GraphModules): never as constants, so new adapter v
 recompilation.
 
 Invariants: the base call and its inputs are untouched; every added node carries the `ADAPTER`
-mark (`marks.py`: the layer name; what the merge pass removes), the node replacing the base
-output the `OUTPUT` mark, every provided input the `INPUT` mark (`[layer name, key]`); each added
-node inherits the site's `nn_module_stack`/`stack_trace`; `meta["val"]` is kept right where the
-graph has values. Marks survive decompositions and export round trips, so a transformed program
-is recognisable as one.
+mark (`marks.py`: the layer name; what the merge pass removes); the node replacing the base
+output carries the `OUTPUT` mark and the `CONFIG` mark (so a program's adapters can be read back
+from it), the base call the `BASE` mark, every provided input the `INPUT` mark
+(`[layer name, key]`); each added node inherits the site's `nn_module_stack`/`stack_trace`;
+`meta["val"]` is kept right where the graph has values. Marks survive decompositions and export
+round trips, so a transformed program is recognisable as one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.fx as fx
 
 from ..adapters import SCALING_KEY, AdapterSet
 from ..graph_builder import GraphBuilder, graph_fake_mode
-from ..marks import ADAPTER, INPUT, OUTPUT, set_mark
+from ..marks import ADAPTER, BASE, CONFIG, INPUT, OUTPUT, config_mark, set_mark
 from ..variants import SiteCall
 from .find_targets import SITE_KEY, bias_node, weight_node
 
@@ -38,6 +39,7 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
                     needs_grad: bool = True) -> int:
     """Rewrite `gm` in place; return the number of sites adapted."""
     fake_mode = graph_fake_mode(gm.graph)
+    recorded = config_mark(adapters.cfg.to_peft_dict(), training)
     done = 0
     for node in site_nodes:
         site = node.meta[SITE_KEY]
@@ -57,6 +59,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         for n in created:
             set_mark(n, ADAPTER, site.layer.name)
         set_mark(new_out, OUTPUT, site.layer.name)
+        set_mark(new_out, CONFIG, recorded)  # the program's adapters are read back from it
+        set_mark(node, BASE, site.layer.name)
         node.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
         done += 1
     gm.graph.lint()

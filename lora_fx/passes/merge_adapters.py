@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..adapters import AdapterEntry, AdapterSet
 from ..errors import LoraFxError, UnsupportedFeatureError
-from ..marks import ADAPTER, INPUT, MERGED, OUTPUT, get_mark, has_mark, set_mark
+from ..marks import ADAPTER, BASE, INPUT, MERGED, OUTPUT, get_mark, has_mark, set_mark
 from .find_targets import SITE_KEY, weight_node, weight_readers
 
 
@@ -49,15 +49,19 @@ def strip_adapters(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], list[s
         ({layer name: its base call nodes}, names of the erased adapter input nodes).
     """
     graph = gm.graph
+    # The adapters' inputs: marked `INPUT`, or (a program loaded with torch.export.load keeps no
+    # placeholder marks) read by adapter nodes only.
+    adapter_inputs = [n for n in graph.nodes if has_mark(n, INPUT) or (
+        n.op in ("placeholder", "get_attr") and n.users and all(has_mark(u, ADAPTER) for u in n.users))]
     sites: dict[str, list[fx.Node]] = {}
     for node in list(graph.nodes):
         layer = get_mark(node, OUTPUT)
         if layer is None:
             continue
-        base = _base_call_of(node, layer)
-        node.replace_all_uses_with(base)
-        set_mark(base, MERGED, layer)
-        sites.setdefault(layer, []).append(base)
+        call, base_out = _base_call_of(node, layer)
+        node.replace_all_uses_with(base_out)
+        set_mark(call, MERGED, layer)
+        sites.setdefault(layer, []).append(call)
     for node in reversed(list(graph.nodes)):
         if has_mark(node, ADAPTER):
             if node.users:
@@ -65,8 +69,8 @@ def strip_adapters(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], list[s
                                   f"used by {[u.name for u in node.users]}")  # pragma: no cover
             graph.erase_node(node)
     erased = []
-    for node in list(graph.nodes):
-        if has_mark(node, INPUT) and not node.users:
+    for node in adapter_inputs:
+        if not node.users:
             erased.append(node.name)
             graph.erase_node(node)
     graph.lint()
@@ -74,19 +78,39 @@ def strip_adapters(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], list[s
     return sites, erased
 
 
-def _base_call_of(output: fx.Node, layer: str) -> fx.Node:
-    """The base call an adapter output replaced: reached from it through the layer's adapter nodes."""
+def _base_call_of(output: fx.Node, layer: str) -> tuple[fx.Node, fx.Node]:
+    """(the base call, the base output the adapter read) of an adapter output, reached from it
+    through the layer's adapter nodes. They differ in a decomposed program, where the call is an
+    `addmm` and the output a view of it (both carry the `BASE` mark)."""
     todo, seen = [output], set()
     while todo:
         node = todo.pop()
         for arg in node.all_input_nodes:
-            site = arg.meta.get(SITE_KEY)
-            if site is not None and site.layer.name == layer and not has_mark(arg, ADAPTER):
-                return arg
-            if get_mark(arg, ADAPTER) == layer and arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
+            if has_mark(arg, ADAPTER):
+                if get_mark(arg, ADAPTER) == layer and not has_mark(arg, OUTPUT) and arg not in seen:
+                    seen.add(arg)
+                    todo.append(arg)
+                continue
+            call = _site_behind(arg, layer)
+            if call is not None:
+                return call, arg
     raise LoraFxError(f"internal: no base call found for the adapter output {output.name} of {layer!r}")
+
+
+def _site_behind(node: fx.Node, layer: str) -> fx.Node | None:
+    """`node` if it is a call site of `layer`, else the site it views (through nodes carrying the
+    layer's `BASE` mark), else None."""
+    while True:
+        site = node.meta.get(SITE_KEY)
+        if site is not None and site.layer.name == layer:
+            return node
+        if get_mark(node, BASE) != layer:
+            return None
+        inputs = [n for n in node.all_input_nodes if get_mark(n, BASE) == layer or
+                  (n.meta.get(SITE_KEY) is not None and n.meta[SITE_KEY].layer.name == layer)]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
 
 
 def check_untied(sites: dict[str, list[fx.Node]]) -> None:
