@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapters import PEFT_PREFIX, AdapterSet, base_weight_keys
 from .attached import AttachedModel, copy_into, layer_weights, submodule_or_none, unwrap
+from .call_inputs import user_input_names
 from .config import LoraConfig
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
@@ -349,7 +350,8 @@ class LoraBackend:
 
         if with_adapters:
             # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
-            inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=placeholders,
+            inject_adapters(work, site_nodes, self.adapters, provide, training=training,
+                            user_inputs=user_input_names(placeholders),
                             needs_grad=torch.is_grad_enabled() or not self.inference_form)
         substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
                                  provide)

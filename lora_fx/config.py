@@ -211,11 +211,14 @@ class LoraConfig:
 
     # -- PEFT adapter_config.json ------------------------------------------------------------
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any], *, source: str = "adapter_config.json") -> LoraConfig:
+    def from_peft_dict(cls, data: dict[str, Any], *, source: str = "adapter_config.json",
+                       recorded: bool = False) -> LoraConfig:
         """Build from the dict PEFT writes to `adapter_config.json`.
 
         Unknown keys are kept when their value is a default (None/False/empty); an unknown key
         with a real value is an error, since ignoring it could change what the adapter means.
+        With `recorded`, the dict is one lora_fx wrote itself (`to_peft_dict` of a config it ran,
+        kept in a program's marks): unknown keys are kept as they are, as `extra`.
         """
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
@@ -226,7 +229,7 @@ class LoraConfig:
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif key in _INERT_KEYS or key in _NOT_YET or _is_default(value):
+            elif recorded or key in _INERT_KEYS or key in _NOT_YET or _is_default(value):
                 extra[key] = value
             else:
                 raise UnsupportedFeatureError(f"{source}: key {key!r}={value!r} is not understood by lora_fx")

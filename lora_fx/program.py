@@ -21,6 +21,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from .adapters import SCALING_KEY, AdapterSet, NamedWeights
+from .call_inputs import user_input_names
 from .config import LoraConfig
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, graph_fake_mode, install_attr
@@ -219,7 +220,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         cache[owner, key] = node
         return node
 
-    user_inputs = [n for n in placeholders if n.name in sig.user_inputs]
+    user_inputs = user_input_names(placeholders, set(sig.user_inputs))
     inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs, needs_grad=train)
     substitute_saved_modules(saved_reads, lambda m, n, inp: adapters.saved_copy(m, n, original(inp)), provide)
 
@@ -328,7 +329,8 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
             cache[owner, key] = node
         return cache[owner, key]
 
-    inject_adapters(gm, site_nodes, adapters, provide, training=train, needs_grad=train)
+    inject_adapters(gm, site_nodes, adapters, provide, training=train, needs_grad=train,
+                    user_inputs=user_input_names([n for n in graph.nodes if n.op == "placeholder"]))
     substitute_saved_modules(saved_reads, lambda m, n, inp: adapters.saved_copy(m, n, original(inp)), provide)
     for name, p in gm.named_parameters():
         if not name.startswith(ADAPTERS_ATTR + "."):

@@ -39,7 +39,8 @@ def _read_record(graph: fx.Graph) -> tuple[LoraConfig, bool] | None:
     recorded = read_config_mark(graph)
     if recorded is None:
         return None
-    return LoraConfig.from_peft_dict(recorded[0], source="the program's lora_fx record"), recorded[1]
+    return LoraConfig.from_peft_dict(recorded[0], source="the program's lora_fx record",
+                                    recorded=True), recorded[1]
 
 
 def record_config(obj, cfg: LoraConfig) -> None:

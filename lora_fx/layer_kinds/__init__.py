@@ -25,6 +25,13 @@ def register(kind: LayerKind) -> LayerKind:
     return kind
 
 
+def unregister(name: str) -> None:
+    """Remove a registered kind (one defined in a test or notebook, when done with it)."""
+    kind = _REGISTRY.pop(name, None)
+    for cls in getattr(kind, "module_classes", ()):
+        _BY_CLASS.pop(cls, None)
+
+
 def get(name: str) -> LayerKind:
     """The registered kind called `name` (e.g. "linear")."""
     try:
@@ -100,4 +107,4 @@ EMBEDDING = register(EmbeddingKind())
 CONV = register(ConvKind())
 
 __all__ = ["CONV", "EMBEDDING", "HF_CONV1D", "LINEAR", "LayerKind", "ParsedCall", "all_kinds", "class_qualname",
-           "get", "kind_of_class", "parse_call", "register", "resolve_class"]
+           "get", "kind_of_class", "parse_call", "register", "resolve_class", "unregister"]

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..adapters import SCALING_KEY, AdapterSet
+from ..call_inputs import CallValues
 from ..graph_builder import GraphBuilder, graph_fake_mode
 from ..marks import ADAPTER, BASE, CONFIG, INPUT, OUTPUT, config_mark, set_mark
 from ..variants import SiteCall
@@ -35,11 +36,12 @@ Provide = Callable[[str, str, torch.Tensor], fx.Node]
 
 
 def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
-                    *, training: bool = False, user_inputs: list[fx.Node] | None = None,
+                    *, training: bool = False, user_inputs: dict[str, fx.Node] | None = None,
                     needs_grad: bool = True) -> int:
     """Rewrite `gm` in place; return the number of sites adapted."""
     fake_mode = graph_fake_mode(gm.graph)
     recorded = config_mark(adapters.cfg.to_peft_dict(), training)
+    call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode)
     done = 0
     for node in site_nodes:
         site = node.meta[SITE_KEY]
@@ -51,9 +53,10 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
             set_mark(provided, INPUT, [entry.name, key])
         builder = GraphBuilder(gm.graph, node, fake_mode)
+        call_values.site, call_values.layer = node, site.layer.name
         weight, bias = _weight_and_bias(gm, node, entry.variant.needs_base_weight)
         call = SiteCall(layer=site.layer, x=node.args[site.input_index], base_out=node, training=training,
-                        graph_inputs=list(user_inputs or []), needs_grad=needs_grad, weight=weight, bias=bias)
+                        call_values=call_values, needs_grad=needs_grad, weight=weight, bias=bias)
         new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
         created = set(builder.created)
         for n in created:
@@ -63,6 +66,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         set_mark(node, BASE, site.layer.name)
         node.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
         done += 1
+    for n, layer in call_values.created:  # values derived from the call's inputs belong to the adapters
+        set_mark(n, ADAPTER, layer)
     gm.graph.lint()
     gm.recompile()
     return done

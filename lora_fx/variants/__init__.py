@@ -19,6 +19,11 @@ def register(variant: Variant) -> Variant:
     return variant
 
 
+def unregister(name: str) -> None:
+    """Remove a registered variant (a variant defined in a test or notebook, when done with it)."""
+    _REGISTRY.pop(name, None)
+
+
 def get(name: str) -> Variant:
     return _REGISTRY[name]
 
@@ -35,4 +40,4 @@ def variant_for(cfg: LoraConfig) -> Variant:
 
 from . import dora, lora  # noqa: E402,F401  (registration)
 
-__all__ = ["SiteCall", "TensorSpec", "Variant", "get", "register", "variant_for"]
+__all__ = ["SiteCall", "TensorSpec", "Variant", "get", "register", "unregister", "variant_for"]

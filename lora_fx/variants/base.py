@@ -8,7 +8,8 @@ Designed for the variants to come:
 - DoRA needs the base output and a magnitude vector: `emit` receives `site.base_out` and any
   tensor `tensors` declared (e.g. `lora_magnitude_vector`).
 - QALoRA pools the input: `emit` receives `site.x` and builds whatever it needs from it.
-- aLoRA needs a mask from `input_ids`: `SiteCall.graph_inputs` gives the user inputs.
+- aLoRA needs a mask from `input_ids`: `SiteCall.call_values` (`call_inputs.py`) gives the
+  model's inputs by name and builds values derived from them once per graph.
 - BdLoRA declares block-diagonal shapes in `tensors` and emits an einsum or a custom op.
 - Layer kinds: a variant asks `site.layer.kind` (`layer_kinds/base.py`) for the factors' keys
   and shapes, the nodes of A(x) and B(h), and the weight's layout; it never branches on the kind.
@@ -20,12 +21,13 @@ weight and back by arithmetic (the bit-exact unmerge keeps the original instead)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from ..call_inputs import CallValues
 from ..config import LoraConfig
 from ..layers import LayerInfo
 from ..rules import Resolved
@@ -48,7 +50,8 @@ class SiteCall:
         x: the node feeding the layer (indices for an embedding, the 2-D input for Conv1D).
         base_out: the node computing the base layer's output.
         training: whether dropout is active in this graph.
-        graph_inputs: user-input placeholders, for variants that read e.g. input_ids.
+        call_values: the per-call input channel: the model's inputs by name and values derived
+            from them (`call_inputs.CallValues`).
         needs_grad: whether gradients may flow through this graph. A variant may emit a faster
             inference-only form when False; both forms must compute the same values.
         weight, bias: the nodes the base call reads its weight and bias from (DoRA's norm and
@@ -59,7 +62,7 @@ class SiteCall:
     x: fx.Node
     base_out: fx.Node
     training: bool
-    graph_inputs: list[fx.Node] = field(default_factory=list)
+    call_values: CallValues | None = None
     needs_grad: bool = True
     weight: fx.Node | None = None
     bias: fx.Node | None = None
