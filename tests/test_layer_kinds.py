@@ -14,7 +14,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx import layer_kinds
-from lora_fx.layer_kinds.base import LayerKind, ParsedCall, untransposed
+from lora_fx.layer_kinds.base import LayerKind, OutputColumnsLayout, ParsedCall, untransposed
 
 aten = torch.ops.aten
 
@@ -28,7 +28,7 @@ class InOutProj(nn.Module):
         return x @ self.weight
 
 
-class InOutKind(LayerKind):
+class InOutKind(OutputColumnsLayout, LayerKind):
     name = "in_out_test"
     module_classes = (f"{InOutProj.__module__}.{InOutProj.__qualname__}",)
     linear_family = True
@@ -46,18 +46,6 @@ class InOutKind(LayerKind):
 
     def apply_base(self, b, layer, x, weight):
         return b.call(aten.matmul.default, x, weight)
-
-    def rows(self, weight):
-        return weight.t()
-
-    def rows_node(self, b, layer, weight):
-        return b.call(aten.t.default, weight)
-
-    def from_rows(self, rows, weight_shape):
-        return rows.t()
-
-    def channel_view(self, g, weight):
-        return g.view(1, -1)
 
 
 @pytest.fixture(autouse=True)

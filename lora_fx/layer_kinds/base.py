@@ -134,6 +134,23 @@ class LayerKind:
         return (layer.out_features,)
 
 
+class OutputColumnsLayout:
+    """Mixin for kinds whose stored 2-D weight has one column per output channel (Conv1D's
+    (in, out), an embedding's (num_embeddings, dim))."""
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
+    def rows_node(self, b, layer: LayerInfo, weight: fx.Node) -> fx.Node:
+        return b.call(aten.t.default, weight)
+
+    def from_rows(self, rows: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+        return rows.t()
+
+    def channel_view(self, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return g.view(1, -1)
+
+
 # -- graph readers shared by the kinds -------------------------------------------------------
 def arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LayerKind, ParsedCall, arg
+from .base import LayerKind, OutputColumnsLayout, ParsedCall, arg
 
 aten = torch.ops.aten
 
 
-class EmbeddingKind(LayerKind):
+class EmbeddingKind(OutputColumnsLayout, LayerKind):  # output channels: the columns
     name = "embedding"
     module_classes = ("torch.nn.modules.sparse.Embedding",)
     lookup = True
@@ -50,16 +50,3 @@ class EmbeddingKind(LayerKind):
     def apply_base(self, b, layer, x, weight):
         pad = -1 if layer.padding_idx is None else layer.padding_idx
         return b.call(aten.embedding.default, weight, x, pad)
-
-    # Output channels (the embedding dim) are the stored weight's columns.
-    def rows(self, weight):
-        return weight.t()
-
-    def rows_node(self, b, layer, weight):
-        return b.call(aten.t.default, weight)
-
-    def from_rows(self, rows, weight_shape):
-        return rows.t()
-
-    def channel_view(self, g, weight):
-        return g.view(1, -1)

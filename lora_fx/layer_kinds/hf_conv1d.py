@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerKind, ParsedCall, arg, untransposed
+from .base import LayerKind, OutputColumnsLayout, ParsedCall, arg, untransposed
 
 aten = torch.ops.aten
 
 _ADDMM_OPS = {torch.addmm, aten.addmm.default}
 
 
-class HFConv1DKind(LayerKind):
+class HFConv1DKind(OutputColumnsLayout, LayerKind):
     name = "hf_conv1d"
     module_classes = ("transformers.pytorch_utils.Conv1D",)
     linear_family = True
@@ -38,16 +38,3 @@ class HFConv1DKind(LayerKind):
 
     def apply_base(self, b, layer, x, weight):
         return b.call(aten.mm.default, x, weight)
-
-    # Output channels are the stored weight's columns.
-    def rows(self, weight):
-        return weight.t()
-
-    def rows_node(self, b, layer, weight):
-        return b.call(aten.t.default, weight)
-
-    def from_rows(self, rows, weight_shape):
-        return rows.t()
-
-    def channel_view(self, g, weight):
-        return g.view(1, -1)
