@@ -14,12 +14,11 @@ from torch.export import ExportedProgram
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
 from .backend import LoraBackend
 from .errors import LoraFxError
-from .graph_builder import attr_at, copy_graph_module, install_attr
+from .graph_builder import attr_at, install_attr
 from .io import read_adapter_dir, write_adapter_dir
 from .merging import MERGED_ATTR, unmerge
-from .passes.find_targets import find_targets
 from .program import NamedWeights, frozen, graph_base_weights
-from .program_adapters import adapters_of, is_trained_program, record_config
+from .program_adapters import adapters_of, is_trained_program, program_sites, record_config
 
 
 def save_adapter(obj, path: str | os.PathLike) -> None:
@@ -38,10 +37,13 @@ def save_adapter(obj, path: str | os.PathLike) -> None:
     if isinstance(obj, LoraBackend):
         obj.save_adapter(path)
         return
-    adapters = _merged_adapters(obj) if _is_merged(obj) else adapters_of(obj)
+    if _is_merged(obj):  # a merged program's weights hold the adapter: the base is the unmerged one's
+        adapters, base = _merged_adapters(obj), _base_weights_of(unmerge(obj))
+    else:
+        sites = program_sites(obj)
+        adapters, base = adapters_of(obj, sites), _base_weights_of(obj, sites)
     adapters.check_savable()
     tensors = adapters.peft_state_dict()
-    base = _base_weights_of(unmerge(obj) if _is_merged(obj) else obj)  # a merged program's weights hold the adapter
     for layer in adapters.base_layers_to_save(base.names):
         tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
     write_adapter_dir(path, adapters.config_to_save(), tensors)
@@ -70,10 +72,11 @@ def load_adapter(obj, path: str | os.PathLike) -> None:
     if _is_merged(obj):
         raise LoraFxError("this program has its adapters merged into its weights; loading another adapter would "
                           "leave those merged values in place. Call lora_fx.unmerge on it first")
-    adapters: AdapterSet = adapters_of(obj)
+    sites = program_sites(obj)
+    adapters: AdapterSet = adapters_of(obj, sites)
     cfg, tensors = read_adapter_dir(path)
     baked = adapters.cfg.lora_dropout if is_trained_program(obj) else None
-    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(obj))
+    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(obj, sites))
     record_config(obj, cfg)  # the program's record follows what it now holds
 
 
@@ -85,15 +88,13 @@ def _merged_adapters(obj) -> AdapterSet:
     return getattr(obj, MERGED_ATTR).adapters
 
 
-def _base_weights_of(obj) -> NamedWeights:
-    """The base weights of a transformed program / GraphModule, by layer (read from its graph).
-    New values replace the program's (never written into tensors it may share with the caller)."""
+def _base_weights_of(obj, sites: list | None = None) -> NamedWeights:
+    """The base weights of a transformed program / GraphModule, by layer (read from its graph;
+    `sites`: its `program_sites`, if the caller has them). New values replace the program's (never
+    written into tensors it may share with the caller)."""
+    sites = program_sites(obj) if sites is None else sites
     if isinstance(obj, ExportedProgram):
-        gm = copy_graph_module(obj.graph_module)  # annotate a copy, not the program's own nodes
-        sig = obj.graph_signature
-        sites = find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})
         return graph_base_weights(sites, obj.state_dict.__getitem__,
                                   lambda key, value: obj.state_dict.__setitem__(key, frozen(value)))
-    sites = find_targets(copy_graph_module(obj))
     return graph_base_weights(sites, lambda path: attr_at(obj, path),
                               lambda path, value: install_attr(obj, None, path, frozen(value)))

@@ -30,7 +30,7 @@ from .backend import LoraBackend
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
 from .marks import INPUT, MERGED, get_mark, marked_layers
-from .passes.find_targets import SITE_KEY, find_targets
+from .passes.find_targets import SITE_KEY, find_targets, signature_state_names
 from .passes.merge_adapters import (
     MergedLayer,
     check_mergeable,
@@ -48,7 +48,7 @@ from .program import (
     _transform_graph_module,
     _transform_program,
 )
-from .program_adapters import adapters_of, is_trained_program
+from .program_adapters import adapters_of, is_trained_program, merged_copy_error
 
 MERGED_ATTR = "lora_fx_merged"
 
@@ -122,10 +122,7 @@ def unmerge(obj):
     record = getattr(obj, MERGED_ATTR, None)
     if not isinstance(record, MergeRecord) and isinstance(obj, (ExportedProgram, fx.GraphModule)) \
             and marked_layers(obj.graph, MERGED):
-        raise LoraFxError(
-            f"this {type(obj).__name__} is a copy of a merged program (run_decompositions, .module() or "
-            "torch.export.save/load after lora_fx.merge); a merged program is the base program with merged weights, "
-            "and what unmerge needs stays with the program lora_fx.merge returned: unmerge that one")
+        raise merged_copy_error(obj)
     if not isinstance(record, MergeRecord):
         raise LoraFxError(f"this {type(obj).__name__} was not made by lora_fx.merge; nothing to unmerge")
     if isinstance(obj, ExportedProgram):
@@ -136,9 +133,8 @@ def unmerge(obj):
 # -- ExportedProgram ---------------------------------------------------------------------------
 
 def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -> ExportedProgram:
-    adapters = adapters_of(ep)
     gm, sig = _copy_program_graph(ep)
-    find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})  # the sites, read afresh
+    adapters = adapters_of(ep, find_targets(gm, signature_state_names(sig)))  # the sites, read afresh
     sites, erased = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
@@ -192,9 +188,8 @@ def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgra
 # -- GraphModule -------------------------------------------------------------------------------
 
 def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: bool) -> fx.GraphModule:
-    adapters = adapters_of(gm_in)
     gm = copy_graph_module(gm_in)
-    find_targets(gm)  # the sites, read afresh (a copy of a program keeps only the marks)
+    adapters = adapters_of(gm_in, find_targets(gm))  # the sites, read afresh (a program's copy keeps only marks)
     sites, _ = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)

@@ -27,7 +27,13 @@ from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, graph_fake_mode, install_attr
 from .io import Spec, read_spec
 from .marks import ADAPTER, MERGED, clear_mark, marked_layers
-from .passes.find_targets import find_targets, graph_base_weights, graph_layers, output_layer_names_of_graph
+from .passes.find_targets import (
+    find_targets,
+    graph_base_weights,
+    graph_layers,
+    output_layer_names_of_graph,
+    signature_state_names,
+)
 from .passes.inject_adapters import inject_adapters, sanitize
 from .passes.substitute_saved_modules import (
     SAVED_READS_KEY,
@@ -173,7 +179,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     gm, sig = _copy_program_graph(ep)
     graph = gm.graph
     _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
-    state_names = {**sig.inputs_to_buffers, **sig.inputs_to_parameters}
+    state_names = signature_state_names(sig)
     site_nodes = find_targets(gm, state_names)
     weights = dict(weights or {})
     state_kind = program_state_kind(sig)

@@ -30,7 +30,7 @@ from .config import LoraConfig
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module
 from .marks import CONFIG, INPUT, MERGED, OUTPUT, config_mark, get_mark, marked_layers, read_config_mark, set_mark
-from .passes.find_targets import find_targets, site_layers
+from .passes.find_targets import find_targets, signature_state_names, site_layers
 from .passes.substitute_saved_modules import COPY_PREFIX
 from .rules import resolve_layer
 
@@ -59,8 +59,20 @@ def is_trained_program(obj) -> bool:
     return bool(recorded and recorded[1])
 
 
-def adapters_of(obj) -> AdapterSet:
+def merged_copy_error(obj) -> LoraFxError:
+    """The refusal for a copy of a merged program (it holds no adapter and no merge record)."""
+    return LoraFxError(
+        f"this {type(obj).__name__} is a copy of a merged program (made by run_decompositions, .module() or "
+        "torch.export.save/load after lora_fx.merge): a merged program is the base program with merged weights and "
+        "holds no adapter, so there is nothing to save or unmerge. Use the program lora_fx.merge returned, or the "
+        "transformed program it was merged from")
+
+
+def adapters_of(obj, sites: list[fx.Node] | None = None) -> AdapterSet:
     """The `AdapterSet` of a transformed program / GraphModule, over the program's own tensors.
+
+    `sites`: the program's call sites annotated on a copy of its graph (`program_sites`), if the
+    caller has them already.
 
     Raises:
         LoraFxError: `obj` carries no lora_fx adapter, is a copy of a merged program, or its
@@ -71,15 +83,11 @@ def adapters_of(obj) -> AdapterSet:
     recorded = _read_record(graph)
     if not layers or recorded is None:
         if marked_layers(graph, MERGED):
-            raise LoraFxError(
-                f"this {type(obj).__name__} is a copy of a merged program (made by run_decompositions, .module() or "
-                "torch.export.save/load after lora_fx.merge): a merged program is the base program with merged "
-                "weights and holds no adapter, so there is nothing to save or unmerge. Use the program lora_fx.merge "
-                "returned, or the transformed program it was merged from")
+            raise merged_copy_error(obj)
         raise LoraFxError(f"{type(obj).__name__} carries no lora_fx adapters (was it made by lora_fx.transform?)")
     cfg, _ = recorded
     tensor_at = _tensor_reader(obj)
-    found = _site_layers(obj)
+    found = {layer.name: layer for layer in site_layers(sites if sites is not None else program_sites(obj))}
     variant = variants.variant_for(cfg)
     adapters = AdapterSet(cfg)
     for name in layers:
@@ -139,12 +147,9 @@ def _saved_copies(obj):
             yield mark[0], mark[1].removeprefix(COPY_PREFIX), attr_at(obj, node.target)
 
 
-def _site_layers(obj) -> dict:
-    """layer name -> LayerInfo of the program's (base) calls, annotated on a copy of its graph."""
+def program_sites(obj) -> list[fx.Node]:
+    """The call sites of a program / GraphModule, annotated on a copy of its graph (the program's
+    own nodes are never annotated)."""
     if isinstance(obj, ExportedProgram):
-        gm = copy_graph_module(obj.graph_module)
-        sig = obj.graph_signature
-        sites = find_targets(gm, {**sig.inputs_to_buffers, **sig.inputs_to_parameters})
-    else:
-        sites = find_targets(copy_graph_module(obj))
-    return {layer.name: layer for layer in site_layers(sites)}
+        return find_targets(copy_graph_module(obj.graph_module), signature_state_names(obj.graph_signature))
+    return find_targets(copy_graph_module(obj))

@@ -301,6 +301,11 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) 
     return found
 
 
+def signature_state_names(sig) -> dict[str, str]:
+    """placeholder name -> parameter / buffer FQN, from an ExportedProgram's graph signature."""
+    return {**sig.inputs_to_buffers, **sig.inputs_to_parameters}
+
+
 def weight_node(node: fx.Node) -> fx.Node | None:
     """The weight parameter an adaptable op call reads (seen through a transpose; None for
     `call_module` sites)."""
