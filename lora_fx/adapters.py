@@ -12,7 +12,7 @@ together (all checked before anything is written); `set_scale` changes only the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from torch import nn
 from . import variants
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, LoraFxError, UnsupportedFeatureError
+from .layers import LayerInfo
 from .rules import Resolved, resolve_layer
 
 PEFT_PREFIX = "base_model.model."
@@ -107,6 +108,10 @@ class AdapterSet:
         # modules_to_save: module path -> {parameter name inside the module: its trainable copy}
         self.saved: dict[str, dict[str, nn.Parameter]] = {}
         self._saved_deferred: dict[tuple[str, str], torch.Tensor] = {}  # loaded while the copy was on meta
+
+    def storage_name(self, name: str) -> str:
+        """The prefix of a layer's tensors in files and programs (`storage_prefixes`)."""
+        return storage_prefixes(e.resolved.layer for e in self.entries.values())[name]
 
     def snapshot(self) -> AdapterSet:
         """An independent copy of these adapters (tensors cloned, same config, variants and
@@ -228,10 +233,11 @@ class AdapterSet:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """`(layer.key, tensor)` for every trainable adapter tensor, then
         `(module.modules_to_save.name, copy)` for the modules saved in full."""
+        prefixes = storage_prefixes(e.resolved.layer for e in self.entries.values())
         for name, entry in self.entries.items():
             for key, t in entry.tensors.items():
                 if t.requires_grad:
-                    yield f"{name}.{key}", t
+                    yield f"{prefixes[name]}.{key}", t
         for module, copies in self.saved.items():
             for name, t in copies.items():
                 yield f"{module}.modules_to_save.{name}", t
@@ -246,12 +252,13 @@ class AdapterSet:
             LoraFxError: an adapter has no values yet (made on the meta device, never materialised).
         """
         out = {}
+        prefixes = storage_prefixes(e.resolved.layer for e in self.entries.values())
         for name, entry in self.entries.items():
             for key, t in entry.tensors.items():
                 if t.device.type == "meta":
                     raise LoraFxError(f"layer {name!r}: its adapter is on the meta device and has no values yet "
                                       "(the model had no real weights when it was attached); nothing to save")
-                out[f"{PEFT_PREFIX}{name}.{key}"] = t.detach()
+                out[f"{PEFT_PREFIX}{prefixes[name]}.{key}"] = t.detach()
         for module, copies in self.saved.items():  # PEFT's key for a module copy: `<module>.<param>`
             for name, t in copies.items():
                 if t.device.type == "meta":
@@ -332,8 +339,9 @@ class AdapterSet:
             AdapterFileError: naming the missing / unexpected / mis-shaped / non-float / non-finite key.
         """
         # file key -> (the tensor it loads into, where to keep it while that tensor is on meta)
+        prefixes = storage_prefixes(e.resolved.layer for e in self.entries.values())
         own: dict[str, tuple[torch.Tensor, dict, Any]] = {
-            f"{PEFT_PREFIX}{name}.{key}": (t, entry.deferred, key)
+            f"{PEFT_PREFIX}{prefixes[name]}.{key}": (t, entry.deferred, key)
             for name, entry in self.entries.items() for key, t in entry.tensors.items()}
         own.update({f"{PEFT_PREFIX}{module}.{name}": (t, self._saved_deferred, (module, name))
                     for module, copies in self.saved.items() for name, t in copies.items()})
@@ -375,7 +383,8 @@ class AdapterSet:
         data = self.cfg.to_peft_dict()
         tm = self.cfg.target_modules
         if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-            data["target_modules"] = sorted(self.entries)
+            data["target_modules"] = sorted(n for n, e in self.entries.items()
+                                            if not e.resolved.layer.kind.targets_parameter)
         data["modules_to_save"] = self.cfg.saved_module_names() or None
         return data
 
@@ -397,6 +406,33 @@ class AdapterSet:
         if not any(k in tm for k in EMBEDDING_LAYER_NAMES):
             return []
         return [n for n in named if n in base_names]
+
+
+def storage_prefixes(layers: Iterable[LayerInfo]) -> dict[str, str]:
+    """layer name -> the prefix of its adapter's keys (`<prefix>.lora_A.weight`): a module layer's
+    name; for a parameter, its module's path with one `.base_layer` per parameter of the same
+    module adapted after it in registration order (PEFT nests a wrapper per parameter).
+
+    Example:
+        >>> from lora_fx.layers import LayerInfo
+        >>> up = LayerInfo("experts.gate_up_proj", "parameter", 4, 8, position=0)
+        >>> down = LayerInfo("experts.down_proj", "parameter", 8, 4, position=1)
+        >>> storage_prefixes([up, down])
+        {'experts.gate_up_proj': 'experts.base_layer', 'experts.down_proj': 'experts'}
+    """
+    layers = list(layers)
+    positions: dict[str, list[int]] = {}
+    for layer in layers:
+        if layer.kind.targets_parameter:
+            positions.setdefault(layer.module_path, []).append(layer.position)
+    out = {}
+    for layer in layers:
+        if not layer.kind.targets_parameter:
+            out[layer.name] = layer.name
+            continue
+        later = sum(1 for p in positions[layer.module_path] if p > layer.position)
+        out[layer.name] = layer.module_path + ".base_layer" * later
+    return out
 
 
 def _replace_storage(t: torch.Tensor, new: torch.Tensor) -> None:

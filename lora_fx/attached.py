@@ -28,7 +28,7 @@ from .io import read_adapter_dir, write_adapter_dir
 from .layers import layers_of_module, output_layer_names
 from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
 from .passes.substitute_saved_modules import select_saved_modules
-from .rules import refuse_fused_experts, resolve
+from .rules import effective_config, resolve
 
 # model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
 # backend that is gone no longer blocks its model.
@@ -66,9 +66,10 @@ class AttachedModel:
                 "this model is already attached to another lora_fx backend; two backends on one model would fight "
                 "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
                 "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
-        cfg = adapters.cfg
-        refuse_fused_experts(cfg, ((n, tuple(p.shape)) for n, p in model.named_parameters()))
-        resolved = resolve(layers_of_module(model), cfg, output_layer_names(model))
+        layers, output_layers = layers_of_module(model), output_layer_names(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        adapters.cfg = cfg = effective_config(adapters.cfg, layers, output_layers, model_type)
+        resolved = resolve(layers, cfg, output_layers)
         saved_paths = select_saved_modules(cfg.saved_module_names(), [name for name, _ in model.named_modules()])
         for path in saved_paths:
             module = model.get_submodule(path)
@@ -186,7 +187,7 @@ class AttachedModel:
         if self._originals is not None:
             return self._originals[layer][0]
         undo, _ = self._undo[layer]
-        weight = self.model.get_submodule(layer).weight
+        weight = layer_weight(self.model, layer)
         return subtracted_layer(self.adapters.entries[layer], MergedLayer(weight, None, undo))[0]
 
 
@@ -214,7 +215,13 @@ class ModelWeights:
         self.model = model
 
     def get(self, layer: str) -> torch.Tensor | None:
-        weight = getattr(submodule_or_none(self.model, layer), "weight", None)
+        module = submodule_or_none(self.model, layer)
+        if module is None:  # a parameter layer
+            try:
+                return self.model.get_parameter(layer)
+            except AttributeError:
+                return None
+        weight = getattr(module, "weight", None)
         return weight if isinstance(weight, torch.Tensor) else None
 
     def set(self, layer: str, value: torch.Tensor) -> None:
@@ -238,13 +245,19 @@ def copy_into(tensors: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor],
     return write
 
 
+def layer_weight(model: nn.Module, name: str) -> nn.Parameter:
+    """A layer's weight: a module layer's `weight`, or the parameter a parameter layer is."""
+    module = submodule_or_none(model, name)
+    return module.weight if module is not None else model.get_parameter(name)
+
+
 def layer_weights(model: nn.Module, names) -> dict[str, nn.Parameter]:
-    return {name: model.get_submodule(name).weight for name in names}
+    return {name: layer_weight(model, name) for name in names}
 
 
 def _layer_params(model: nn.Module, names) -> dict[str, tuple[nn.Parameter, nn.Parameter | None]]:
-    """layer -> (its weight, its bias or None)."""
-    return {name: (model.get_submodule(name).weight, getattr(model.get_submodule(name), "bias", None))
+    """layer -> (its weight, its bias or None; a parameter layer has no bias)."""
+    return {name: (layer_weight(model, name), getattr(submodule_or_none(model, name), "bias", None))
             for name in names}
 
 
@@ -255,7 +268,8 @@ def _check_untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(mod_name)
     for name, w in weights.items():
-        others = sorted(set(owners.get(id(w), [])) - {name})
+        own = name if submodule_or_none(model, name) is not None else name.rpartition(".")[0]  # a parameter's module
+        others = sorted(set(owners.get(id(w), [])) - {own})
         if others:
             raise UnsupportedFeatureError(
                 f"cannot merge the adapter of {name!r}: its weight is shared with {', '.join(map(repr, others))} "

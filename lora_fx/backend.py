@@ -44,7 +44,7 @@ from .passes.substitute_saved_modules import (
     select_saved_modules,
     substitute_saved_modules,
 )
-from .rules import refuse_fused_experts, resolve
+from .rules import effective_config, resolve
 
 
 def _inner_backend(inner: str | Callable) -> Callable:
@@ -369,13 +369,11 @@ class LoraBackend:
         """No model attached: create (or load) adapters for the layers this graph holds."""
         gm = named.gm
         placeholders = _placeholders(gm)
-        refuse_fused_experts(self.config, [
-            (kind[1], tuple(value.shape)) for node, value in zip(placeholders, example_inputs, strict=False)
-            if (kind := named.state_kind(node)) is not None and isinstance(value, torch.Tensor)])
-        layers = graph_layers(gm, site_nodes, named.state_names)
+        layers, output_layers = graph_layers(gm, site_nodes, named.state_names), output_layer_names_of_graph(site_nodes)
+        if not len(self.adapters):  # the first graph decides, as the model would (all-linear on MoE experts)
+            self.adapters.cfg = effective_config(self.config, layers, output_layers)
         try:
-            resolved = resolve(layers, self.config, output_layer_names_of_graph(site_nodes),
-                               require_match=not len(self.adapters))
+            resolved = resolve(layers, self.config, output_layers, require_match=not len(self.adapters))
         except TargetNotFoundError as e:
             raise TargetNotFoundError(
                 f"{e}. This backend is not attached to the model, so it sees only the layer names of the graph "
@@ -398,7 +396,8 @@ class LoraBackend:
                 self.adapters.saved_copy(module, name, values[inp])
         if self._pending is None:
             return
-        prefixes = tuple(f"{PEFT_PREFIX}{name}." for name in [*added, *new_saved])
+        prefixes = tuple(f"{PEFT_PREFIX}{self.adapters.storage_name(name)}." for name in added) + tuple(
+            f"{PEFT_PREFIX}{name}." for name in new_saved)
         base_keys = base_weight_keys(self._pending, base)
         mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes) or k in base_keys}
         if mine:

@@ -29,7 +29,6 @@ _NOT_YET = {
     "use_qalora": "QALoRA",
     "alora_invocation_tokens": "aLoRA",
     "use_bdlora": "block-diagonal LoRA",
-    "target_parameters": "raw-parameter targets (target_parameters)",
     "layer_replication": "layer_replication",
     "trainable_token_indices": ("trainable_token_indices (training only some embedding rows); to train the whole "
                                 "embedding instead, use modules_to_save=['embed_tokens']"),
@@ -110,12 +109,14 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     task_type: str | None = None
+    # Raw parameters to adapt (fused MoE experts): a name matches if it equals an entry or ends
+    # with "." + entry, as PEFT's target_parameters.
+    target_parameters: list[str] | None = None
     # Fields of variants that are not implemented yet: accepted, rejected when set.
     use_dora: bool = False
     use_qalora: bool = False
     alora_invocation_tokens: list[int] | None = None
     use_bdlora: Any = None
-    target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     modules_to_save: list[str] | None = None
     # PEFT keys that do not affect the computation, kept for a faithful round trip.
@@ -143,8 +144,17 @@ class LoraConfig:
                 )
             raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
                               f"got {self.init_lora_weights!r}")
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
+                isinstance(t, str) and t for t in self.target_parameters)):
+            raise ConfigError("LoraConfig.target_parameters must be a list of parameter names (e.g. "
+                              f"['experts.gate_up_proj']), got {self.target_parameters!r}")
+        if self.target_modules is None and self.target_parameters:
+            self.target_modules = []
         if self.target_modules is None:
-            raise ConfigError("LoraConfig.target_modules is required (a list of names, a regex, or 'all-linear')")
+            raise ConfigError("LoraConfig.target_modules is required (a list of names, a regex, or 'all-linear'), "
+                              "unless target_parameters names parameters to adapt")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -153,7 +163,7 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
-        if isinstance(self.target_modules, list) and not self.target_modules:
+        if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ConfigError("LoraConfig.target_modules is an empty list")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("LoraConfig.layers_to_transform cannot be used when target_modules is a regex string")

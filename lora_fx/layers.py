@@ -40,6 +40,12 @@ class LayerInfo:
     has_bias: bool = False
     weight_dtype: torch.dtype = torch.float32
     weight_device: str = "cpu"
+    # A raw parameter (`target_parameters`): its experts, whether stored (E, in, out), its shape,
+    # and its index among its module's own parameters (PEFT nests their wrappers in that order).
+    num_experts: int = 1
+    transposed: bool = False
+    parameter_shape: tuple[int, ...] = ()
+    position: int = 0
     # Why lora_fx cannot adapt this layer (a quantized weight, a call it cannot read), or None.
     # Such layers are listed so that targeting one is an error naming it, not a silent skip.
     unsupported: str | None = None
@@ -51,6 +57,24 @@ class LayerInfo:
     @property
     def conv_dims(self) -> int:
         return len(self.kernel_size)
+
+    @property
+    def module_path(self) -> str:
+        """The module the layer is (a module layer) or holds the parameter (a parameter layer)."""
+        return self.name.rpartition(".")[0] if self.kind.targets_parameter else self.name
+
+
+def parameter_layer(name: str, value: torch.Tensor, position: int, transposed: bool = False,
+                    class_name: str = "") -> LayerInfo:
+    """The `target_parameters` candidate a parameter is (named by its FQN). A shape PEFT has no
+    LoRA form for is listed as unsupported, so that targeting it is an error naming it."""
+    common = dict(name=name, kind=layer_kinds.PARAMETER, class_name=class_name, weight_dtype=value.dtype,
+                  weight_device=str(value.device), position=position)
+    if value.dim() not in (2, 3) or not value.is_floating_point():
+        return LayerInfo(in_features=0, out_features=0, parameter_shape=tuple(value.shape), **common, unsupported=(
+            f"its shape {tuple(value.shape)} ({value.dtype}) has no LoRA form: target_parameters takes 2-D weights "
+            "and 3-D expert stacks of floating point (as PEFT)"))
+    return LayerInfo(**layer_kinds.PARAMETER.dims_of_parameter(tuple(value.shape), transposed), **common)
 
 
 def layer_of_module(name: str, module: nn.Module) -> LayerInfo | None:
@@ -70,13 +94,18 @@ def layer_of_module(name: str, module: nn.Module) -> LayerInfo | None:
 
 
 def layers_of_module(model: nn.Module) -> list[LayerInfo]:
-    """Every adaptable layer of `model`, in `named_modules` order."""
-    out = []
+    """Every adaptable layer of `model`, in `named_modules` order, then every parameter (the
+    candidates of `target_parameters`)."""
+    out, params = [], []
     for name, module in model.named_modules():
         info = layer_of_module(name, module)
         if info is not None:
             out.append(info)
-    return out
+        transposed = bool(getattr(module, "is_transposed", False))
+        for position, (leaf, p) in enumerate(module.named_parameters(recurse=False)):
+            fqn = f"{name}.{leaf}" if name else leaf
+            params.append(parameter_layer(fqn, p, position, transposed, class_qualname(type(module))))
+    return out + params
 
 
 def output_layer_names(model: nn.Module) -> set[str]:

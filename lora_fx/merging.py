@@ -30,12 +30,13 @@ from .backend import LoraBackend
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
 from .marks import INPUT, MERGED, get_mark, marked_layers
-from .passes.find_targets import SITE_KEY, find_targets, signature_state_names
+from .passes.find_targets import find_targets, signature_parameters, signature_state_names
 from .passes.merge_adapters import (
     MergedLayer,
     check_mergeable,
     check_untied,
     merged_layer,
+    merged_names,
     strip_adapters,
     subtracted_layer,
 )
@@ -134,7 +135,8 @@ def unmerge(obj):
 
 def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -> ExportedProgram:
     gm, sig = _copy_program_graph(ep)
-    adapters = adapters_of(ep, find_targets(gm, signature_state_names(sig)))  # the sites, read afresh
+    # The sites, read afresh.
+    adapters = adapters_of(ep, find_targets(gm, signature_state_names(sig), signature_parameters(sig)))
     sites, erased = strip_adapters(gm)
     check_mergeable(adapters, sites)
     check_untied(sites)
@@ -142,7 +144,7 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
                          originals={} if keep_original else None)
     new_values = {}
     for layer, calls in sites.items():
-        weight_key, bias_key = calls[0].meta[SITE_KEY].weight, calls[0].meta[SITE_KEY].bias
+        weight_key, bias_key = merged_names(calls[0], layer)
         m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
                          ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
         changed = {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}
@@ -198,7 +200,7 @@ def _merge_graph_module(gm_in: fx.GraphModule, safe_merge: bool, keep_original: 
     _keep_only_read_inputs(gm, record.adapters)
     installs = []
     for layer, calls in sites.items():
-        entry, (weight_path, bias_path) = adapters.entries[layer], _paths_of(calls[0])
+        entry, (weight_path, bias_path) = adapters.entries[layer], _paths_of(calls[0], layer)
         original = attr_at(gm, weight_path)  # the layer's module (call_module sites) or its weight
         if isinstance(original, nn.Module):
             m = merged_layer(entry, original.weight, original.bias, safe_merge=safe_merge)
@@ -261,13 +263,12 @@ def _keep_only_read_inputs(gm: fx.GraphModule, adapters: AdapterSet) -> None:
         gm.add_module(ADAPTERS_ATTR, container)
 
 
-def _paths_of(call: fx.Node) -> tuple[str, str | None]:
+def _paths_of(call: fx.Node, layer: str) -> tuple[str, str | None]:
     """(weight path, bias path or None) of a GraphModule site: the module itself for a
     call_module site (its parameters are replaced together), else the get_attr targets."""
     if call.op == "call_module":
         return call.target, None
-    site = call.meta[SITE_KEY]
-    return site.weight, site.bias
+    return merged_names(call, layer)
 
 
 def _with_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -32,6 +32,7 @@ from .passes.find_targets import (
     graph_base_weights,
     graph_layers,
     output_layer_names_of_graph,
+    signature_parameters,
     signature_state_names,
 )
 from .passes.inject_adapters import inject_adapters, sanitize
@@ -42,20 +43,21 @@ from .passes.substitute_saved_modules import (
     select_saved_modules,
     substitute_saved_modules,
 )
-from .rules import refuse_fused_experts, resolve
+from .rules import effective_config, resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
 
 
 def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights,
                    saved_reads: list[fx.Node], original: Callable[[fx.Node], torch.Tensor],
-                   parameters: Iterable[tuple[str, torch.Tensor]], state_names: dict[str, str] | None = None,
+                   state_names: dict[str, str] | None = None,
                    ) -> AdapterSet:
     """Adapters for the layers `cfg` targets in `gm` and copies of the modules it saves in full,
     loaded from `pending` (a PEFT state dict) if given; base weights saved with it go to `base`,
     whose values also initialise variants that depend on them."""
-    refuse_fused_experts(cfg, [(name, tuple(value.shape)) for name, value in parameters])
-    resolved = resolve(graph_layers(gm, site_nodes, state_names), cfg, output_layer_names_of_graph(site_nodes))
+    layers, output_layers = graph_layers(gm, site_nodes, state_names), output_layer_names_of_graph(site_nodes)
+    cfg = effective_config(cfg, layers, output_layers)
+    resolved = resolve(layers, cfg, output_layers)
     adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype,
                                  weights={layer: base.get(layer) for layer in resolved})
     for node in saved_reads:
@@ -180,7 +182,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     graph = gm.graph
     _clear_merged_marks(graph)  # unmerge re-injects into a merged program's graph
     state_names = signature_state_names(sig)
-    site_nodes = find_targets(gm, state_names)
+    site_nodes = find_targets(gm, state_names, signature_parameters(sig))
     weights = dict(weights or {})
     state_kind = program_state_kind(sig)
     saved = _saved_modules(gm, cfg, adapters)
@@ -194,7 +196,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         base = graph_base_weights(site_nodes, lambda key: weights.get(key, ep.state_dict[key]),
                                   lambda key, value: weights.__setitem__(key, frozen(value)))
         adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
-                                  ep.state_dict.items(), state_names)
+                                  state_names)
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -310,8 +312,7 @@ def _transform_graph_module(gm_in: fx.GraphModule, cfg, pending, train, adapter_
     if adapters is None:
         base = graph_base_weights(site_nodes, lambda path: attr_at(gm, path),
                                   lambda path, value: install_attr(gm, gm_in, path, frozen(value)))
-        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original,
-                                  gm.named_parameters())
+        adapters = _make_adapters(gm, site_nodes, cfg, pending, adapter_dtype, base, saved_reads, original)
     container = nn.Module()
     old = getattr(gm, ADAPTERS_ATTR, None)  # a merged GraphModule's: the saved modules' copies it reads
     if old is not None:

@@ -25,12 +25,12 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 
 from . import variants
-from .adapters import SCALING_KEY, AdapterEntry, AdapterSet
+from .adapters import SCALING_KEY, AdapterEntry, AdapterSet, storage_prefixes
 from .config import LoraConfig
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module
 from .marks import CONFIG, INPUT, MERGED, OUTPUT, config_mark, get_mark, marked_layers, read_config_mark, set_mark
-from .passes.find_targets import find_targets, signature_state_names, site_layers
+from .passes.find_targets import find_targets, signature_parameters, signature_state_names, site_layers
 from .passes.substitute_saved_modules import COPY_PREFIX
 from .rules import resolve_layer
 
@@ -90,13 +90,14 @@ def adapters_of(obj, sites: list[fx.Node] | None = None) -> AdapterSet:
     found = {layer.name: layer for layer in site_layers(sites if sites is not None else program_sites(obj))}
     variant = variants.variant_for(cfg)
     adapters = AdapterSet(cfg)
+    missing = [name for name in layers if name not in found]
+    if missing:
+        raise LoraFxError(f"the program marks layer {missing[0]!r} as adapted but has no call of it")
+    prefixes = storage_prefixes(found[name] for name in layers)
     for name in layers:
-        layer = found.get(name)
-        if layer is None:
-            raise LoraFxError(f"the program marks layer {name!r} as adapted but has no call of it")
-        res = resolve_layer(layer, cfg)
-        tensors = {key: tensor_at(name, key) for key in variant.tensors(res, cfg)}
-        scaling = tensor_at(name, SCALING_KEY)
+        res = resolve_layer(found[name], cfg)
+        tensors = {key: tensor_at(name, prefixes[name], key) for key in variant.tensors(res, cfg)}
+        scaling = tensor_at(name, prefixes[name], SCALING_KEY)
         if not math.isclose(float(scaling), res.scaling, rel_tol=1e-6, abs_tol=1e-12):
             raise LoraFxError(
                 f"layer {name!r}: the program's scaling {float(scaling)} is not the {res.scaling} its recorded config "
@@ -109,12 +110,12 @@ def adapters_of(obj, sites: list[fx.Node] | None = None) -> AdapterSet:
 
 
 def _tensor_reader(obj):
-    """`(owner, key) -> tensor` over the program's state."""
+    """`(layer, its storage prefix, key) -> tensor` over the program's state."""
     if isinstance(obj, ExportedProgram):
         state = {**obj.state_dict, **obj.constants}
 
-        def read(owner: str, key: str) -> torch.Tensor:
-            target = f"{owner}.{key}"
+        def read(owner: str, prefix: str, key: str) -> torch.Tensor:
+            target = f"{prefix}.{key}"
             if target not in state:
                 raise LoraFxError(f"the program marks layer {owner!r} as adapted but has no input {target!r}")
             return state[target]
@@ -122,7 +123,7 @@ def _tensor_reader(obj):
     by_mark = {tuple(get_mark(n, INPUT)): n.target for n in obj.graph.nodes
                if n.op == "get_attr" and get_mark(n, INPUT) is not None}
 
-    def read_attr(owner: str, key: str) -> torch.Tensor:
+    def read_attr(owner: str, prefix: str, key: str) -> torch.Tensor:
         path = by_mark.get((owner, key), f"{owner}.{key}")
         try:
             return attr_at(obj, path)
@@ -151,5 +152,6 @@ def program_sites(obj) -> list[fx.Node]:
     """The call sites of a program / GraphModule, annotated on a copy of its graph (the program's
     own nodes are never annotated)."""
     if isinstance(obj, ExportedProgram):
-        return find_targets(copy_graph_module(obj.graph_module), signature_state_names(obj.graph_signature))
+        return find_targets(copy_graph_module(obj.graph_module), signature_state_names(obj.graph_signature),
+                            signature_parameters(obj.graph_signature))
     return find_targets(copy_graph_module(obj))

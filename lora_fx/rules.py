@@ -12,13 +12,13 @@ Only adaptable layers (see `layers.py`) are candidates; containers are never mat
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import TargetNotFoundError, UnsupportedFeatureError
+from .errors import ConfigError, TargetNotFoundError, UnsupportedFeatureError
 from .layers import LayerInfo
 from .patterns import layer_index_regex, pattern_key_regex, saved_module_regex
 
@@ -64,6 +64,8 @@ def _layer_index(cfg: LoraConfig, name: str) -> int | None:
 
 def _targeted(cfg: LoraConfig, layer: LayerInfo, output_layers: set[str]) -> bool:
     name = layer.name
+    if layer.kind.targets_parameter:  # PEFT's target_parameters: exact name or "." suffix, nothing else
+        return _name_in(cfg.target_parameters or (), name)
     if _excluded(cfg, name):
         return False
     tm = cfg.target_modules
@@ -112,35 +114,89 @@ def resolve(layers: list[LayerInfo], cfg: LoraConfig, output_layers: set[str] = 
         if layer.name in out or not _targeted(cfg, layer, output_layers):
             continue
         if layer.unsupported is not None:
-            raise UnsupportedFeatureError(f"target rules select layer {layer.name!r}, which lora_fx cannot adapt: "
+            what = "target_parameters select parameter" if layer.kind.targets_parameter else "target rules select layer"
+            raise UnsupportedFeatureError(f"{what} {layer.name!r}, which lora_fx cannot adapt: "
                                           f"{layer.unsupported}. Exclude it (exclude_modules) or target other layers")
         out[layer.name] = resolve_layer(layer, cfg)
-    if require_match and not out:
-        raise TargetNotFoundError(_no_match_message(layers, cfg))
+    _refuse_module_and_parameter(out)
+    if require_match:
+        params = [layer.name for layer in layers if layer.kind.targets_parameter]
+        for entry in cfg.target_parameters or ():
+            if not any(_name_in([entry], name) for name in params):
+                raise TargetNotFoundError(_no_parameter_message(entry, params))
+        if not out:
+            raise TargetNotFoundError(_no_match_message(layers, cfg))
     return out
 
 
-# PEFT's names for fused MoE expert weights (3-D parameters); on such models its "all-linear" also
-# adapts them, through target_parameters.
-FUSED_EXPERT_SUFFIXES = (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj")
+def _refuse_module_and_parameter(resolved: dict[str, Resolved]) -> None:
+    """A module adapted by target_modules cannot also have a parameter adapted (PEFT refuses it:
+    the parameter's wrapper would wrap the module's)."""
+    modules = {name for name, res in resolved.items() if not res.layer.kind.targets_parameter}
+    for name, res in resolved.items():
+        if res.layer.kind.targets_parameter and res.layer.module_path in modules:
+            raise ConfigError(f"target_parameters selects {name!r}, and target_modules selects its module "
+                              f"{res.layer.module_path!r}: adapt one or the other (PEFT refuses both as well)")
 
 
-def refuse_fused_experts(cfg: LoraConfig, parameters: Iterable[tuple[str, tuple[int, ...]]]) -> None:
-    """With `"all-linear"`, refuse a model with fused expert parameters: PEFT would adapt those as
-    well (`target_parameters`), lora_fx cannot yet, and adapting only the linears would differ.
+def _no_parameter_message(entry: str, params: list[str]) -> str:
+    candidates = sorted(set(params) | {".".join(p.split(".")[-2:]) for p in params} | {
+        p.rsplit(".", 1)[-1] for p in params})
+    close = difflib.get_close_matches(entry, candidates, n=6, cutoff=0.4)
+    return (f"target_parameters entry {entry!r} matches no parameter (a name matches if it equals the entry or ends "
+            f"with '.{entry}'); closest parameter names: {close or sorted(params)[:6]}")
 
-    Raises:
-        UnsupportedFeatureError: naming the first such parameter.
+
+def effective_config(cfg: LoraConfig, layers: list[LayerInfo], output_layers: set[str] = frozenset(),
+                     model_type: str | None = None) -> LoraConfig:
+    """`cfg` as PEFT rewrites it for a model with fused MoE experts: `"all-linear"` there also
+    adapts the experts and the router (`target_parameters`), with the fused gate/up projection at
+    twice the rank and alpha. PEFT decides by the transformers model type; without one (a graph),
+    by the layout that table describes: 3-D `gate_up_proj` and `down_proj` parameters.
+
+    Example:
+        >>> from lora_fx.layers import LayerInfo
+        >>> experts = [LayerInfo("m.experts.gate_up_proj", "parameter", 8, 16, num_experts=4),
+        ...            LayerInfo("m.experts.down_proj", "parameter", 8, 8, num_experts=4),
+        ...            LayerInfo("m.q_proj", "linear", 8, 8)]
+        >>> cfg = effective_config(LoraConfig(r=2, target_modules="all-linear"), experts)
+        >>> cfg.target_modules, cfg.target_parameters, cfg.rank_pattern
+        (['q_proj'], ['down_proj', 'gate.weight', 'gate_up_proj'], {'.*\\.gate_up_proj': 4})
     """
     tm = cfg.target_modules
-    if not (isinstance(tm, str) and tm.lower() == ALL_LINEAR):
-        return
-    for name, shape in parameters:
-        if len(shape) == 3 and name.endswith(FUSED_EXPERT_SUFFIXES):
-            raise UnsupportedFeatureError(
-                f"target_modules='all-linear' on a model with fused expert parameters ({name!r}, shape "
-                f"{tuple(shape)}): PEFT's all-linear adapts those too (target_parameters), which lora_fx does not "
-                "support yet; name the layers to adapt instead (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'])")
+    if not (isinstance(tm, str) and tm.lower() == ALL_LINEAR) or not _has_fused_experts(layers, model_type):
+        return cfg
+    leaves = {layer.name.rsplit(".", 1)[-1] for layer in layers
+              if layer.kind.linear_family and layer.unsupported is None and layer.name not in output_layers
+              and not _excluded(cfg, layer.name)}
+    fused = r".*\.gate_up_proj"  # PEFT's key
+    return dataclasses.replace(
+        cfg, target_modules=sorted(leaves - set(MOE_V4_NAMES)),
+        target_parameters=sorted(set(cfg.target_parameters or ()) | set(MOE_TARGET_PARAMETERS)),
+        rank_pattern={**cfg.rank_pattern, fused: cfg.r * 2},
+        alpha_pattern={**cfg.alpha_pattern, fused: cfg.lora_alpha * 2})
+
+
+# PEFT's table for transformers v5 MoE models (the families transformers converts as Mixtral or
+# Qwen2-MoE): the v4 linear names that became fused parameters, and those parameters. "all-linear"
+# targets the parameters instead of the names; gate_up_proj fuses two v4 linears (rank and alpha x2).
+MOE_V4_NAMES = ("gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+MOE_TARGET_PARAMETERS = ("gate.weight", "gate_up_proj", "down_proj")
+_MOE_FAMILIES = ("mixtral", "qwen2_moe")
+
+
+def _has_fused_experts(layers: list[LayerInfo], model_type: str | None) -> bool:
+    if model_type is not None:
+        try:
+            from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as families
+        except ImportError:  # pragma: no cover - older transformers: no fused experts either
+            return False
+        return families.get(model_type, model_type) in _MOE_FAMILIES
+    by_module: dict[str, set[str]] = {}
+    for layer in layers:
+        if layer.kind.targets_parameter and len(layer.parameter_shape) == 3:
+            by_module.setdefault(layer.module_path, set()).add(layer.name.rsplit(".", 1)[-1])
+    return any({"gate_up_proj", "down_proj"} <= leaves for leaves in by_module.values())
 
 
 def resolve_layer(layer: LayerInfo, cfg: LoraConfig) -> Resolved:
@@ -153,7 +209,7 @@ def resolve_layer(layer: LayerInfo, cfg: LoraConfig) -> Resolved:
 
 
 def _no_match_message(layers: list[LayerInfo], cfg: LoraConfig) -> str:
-    names = [layer.name for layer in layers]
+    names = [layer.name for layer in layers if not layer.kind.targets_parameter]
     tm = cfg.target_modules
     probes = [tm] if isinstance(tm, str) else list(tm)
     candidates = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})

@@ -174,24 +174,33 @@ def _mixtral():
 
 
 @pytest.mark.parametrize("route", ["module", "program", "backend_unattached"])
-def test_all_linear_on_fused_experts_is_refused_not_narrowed(route):
+def test_all_linear_on_fused_experts_adapts_what_peft_adapts(route, tmp_path):
     # PEFT's all-linear on an MoE model of transformers 5 also adapts the fused 3-D expert weights
-    # (target_parameters); adapting only the linears would silently differ.
-    from conftest import raised_while_compiling
+    # and the router (target_parameters), the fused gate/up projection at twice the rank and alpha.
+    import json
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from safetensors.torch import load_file
 
     model = _mixtral()
+    get_peft_model(copy.deepcopy(model), PeftLoraConfig(r=2, target_modules="all-linear")).save_pretrained(
+        tmp_path / "peft")
     cfg = lora_fx.LoraConfig(r=2, target_modules="all-linear")
-    match = r"all-linear' on a model with fused expert parameters \('model.layers.0.mlp.experts"
     x = _ids()
     if route == "module":
-        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
-            lora_fx.backend(cfg).parameters(model)
+        lora = lora_fx.backend(cfg, inner="aot_eager")
+        lora.parameters(model)
+        lora.save_adapter(tmp_path / "ours")
     elif route == "program":
-        with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
-            lora_fx.transform(torch.export.export(model, (x,)), cfg)
+        lora_fx.save_adapter(lora_fx.transform(torch.export.export(model, (x,)), cfg), tmp_path / "ours")
     else:
-        with raised_while_compiling(lora_fx.UnsupportedFeatureError, match):
-            torch.compile(model, backend=lora_fx.backend(cfg, inner="aot_eager"))(x)
-    named = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), inner="aot_eager")
-    named.parameters(model)  # naming the layers works
-    assert len(named.adapters) == 2
+        lora = lora_fx.backend(cfg, inner="aot_eager")
+        torch.compile(model, backend=lora, fullgraph=True)(x)
+        lora.save_adapter(tmp_path / "ours")
+    files = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours")]
+    assert {k: tuple(v.shape) for k, v in files[1].items()} == {k: tuple(v.shape) for k, v in files[0].items()}
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours")]
+    for key in ("target_modules", "target_parameters", "rank_pattern", "alpha_pattern"):
+        ours, peft = (sorted(c[key]) if isinstance(c[key], list) else c[key] for c in configs)
+        assert ours == peft, key

@@ -100,11 +100,14 @@ from .conv import ConvKind  # noqa: E402
 from .embedding import EmbeddingKind  # noqa: E402
 from .hf_conv1d import HFConv1DKind  # noqa: E402
 from .linear import LinearKind  # noqa: E402
+from .parameter import GROUPED_MM, LINEAR_READ, PARAMETER, is_grouped_mm  # noqa: E402
 
 LINEAR = register(LinearKind())
 HF_CONV1D = register(HFConv1DKind())
 EMBEDDING = register(EmbeddingKind())
 CONV = register(ConvKind())
+register(PARAMETER)  # found as parameters; its read forms (LINEAR_READ, GROUPED_MM) are bound per site
 
-__all__ = ["CONV", "EMBEDDING", "HF_CONV1D", "LINEAR", "LayerKind", "ParsedCall", "all_kinds", "class_qualname",
-           "get", "kind_of_class", "parse_call", "register", "resolve_class", "unregister"]
+__all__ = ["CONV", "EMBEDDING", "GROUPED_MM", "HF_CONV1D", "LINEAR", "LINEAR_READ", "PARAMETER", "LayerKind",
+           "ParsedCall", "all_kinds", "class_qualname", "get", "is_grouped_mm", "kind_of_class", "parse_call",
+           "register", "resolve_class", "unregister"]

@@ -58,6 +58,7 @@ class LayerKind:
     linear_family: bool = False   # a candidate of target_modules="all-linear"
     lookup: bool = False          # its input is indices: no dtype cast, no dropout (as PEFT)
     output_channel_dim: int = -1  # the output's channel dimension (per-channel DoRA vectors)
+    targets_parameter: bool = False  # chosen by `target_parameters` (a raw parameter), not `target_modules`
 
     def __repr__(self) -> str:
         return self.name
@@ -89,6 +90,13 @@ class LayerKind:
     def factor_shapes(self, layer: LayerInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, layer.in_features), (layer.out_features, r)
 
+    def adapter_input(self, b, x: fx.Node, adapter_dtype: torch.dtype, weight_dtype: torch.dtype,
+                      dropout: float) -> fx.Node:
+        """The adapter's input made from the layer's: cast to the adapters' dtype, then dropout
+        (`dropout` is 0 outside training). Kinds whose input is indices or the weight override it."""
+        x = b.cast(x, adapter_dtype, b.dtype_of(x, weight_dtype))
+        return b.call(aten.dropout.default, x, float(dropout), True) if dropout > 0 else x
+
     def apply_a(self, b, layer: LayerInfo, x: fx.Node, a: fx.Node) -> fx.Node:
         """`A(x)`: the rank-r intermediate."""
         return b.call(aten.linear.default, x, a)
@@ -104,6 +112,12 @@ class LayerKind:
     def factor_matrices(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as matrices with `rows(delta) = B @ A`."""
         return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+    def delta_weight(self, a: torch.Tensor, b: torch.Tensor, layer: LayerInfo,
+                     weight_shape: torch.Size) -> torch.Tensor:
+        """`B·A` (unscaled) in the stored weight's layout."""
+        a, b = self.factor_matrices(a, b)
+        return self.from_rows(b @ a, weight_shape)
 
     def merge_blocker(self, layer: LayerInfo) -> str | None:
         """Why no weight of the base's shape can hold B·A, or None."""

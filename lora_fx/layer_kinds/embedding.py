@@ -40,6 +40,9 @@ class EmbeddingKind(OutputColumnsLayout, LayerKind):  # output channels: the col
             return "lora_bias=True is not supported for Embedding layers (as in PEFT)"
         return None
 
+    def adapter_input(self, b, x, adapter_dtype, weight_dtype, dropout):
+        return x  # indices: never cast, no dropout (as PEFT)
+
     def factor_keys(self):
         return "lora_embedding_A", "lora_embedding_B"
 

@@ -41,10 +41,21 @@ import torch.fx as fx
 
 from ..adapters import NamedWeights
 from ..graph_builder import attr_at, node_value
-from ..layer_kinds import ParsedCall, class_qualname, kind_of_class, parse_call, resolve_class
+from ..layer_kinds import (
+    GROUPED_MM,
+    LINEAR,
+    LINEAR_READ,
+    LayerKind,
+    ParsedCall,
+    class_qualname,
+    is_grouped_mm,
+    kind_of_class,
+    parse_call,
+    resolve_class,
+)
 from ..layer_kinds.base import target_name as _target_name
-from ..layers import LayerInfo, layer_of_module
-from ..marks import ADAPTER, has_mark
+from ..layers import LayerInfo, layer_of_module, parameter_layer
+from ..marks import ADAPTER, INPUT, has_mark
 
 SITE_KEY = "lora_fx_site"
 # Ops that reshape a weight for a matmul (seen through when looking for a weight's readers).
@@ -61,11 +72,14 @@ class TargetSite:
     `bias` the bias the layer adds, if any."""
 
     layer: LayerInfo
-    input_index: int
+    input_index: int | None
     weight: str
     # The bias the layer adds: an argument of the call, or a separate add of the layer's own bias
     # after it (a decomposed 3-D linear: bmm, then add); FQN or get_attr target.
     bias: str | None = None
+    # A parameter site (the node is the parameter): how each call reads it, `(call, form, input
+    # index)`, when every read is one lora_fx can adapt in factored form; None: the weight form.
+    reads: tuple[tuple[fx.Node, LayerKind, int], ...] | None = None
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -270,13 +284,16 @@ def _site_of_module_call(gm: fx.GraphModule, node: fx.Node) -> TargetSite | None
     return TargetSite(layer, 0, f"{node.target}.weight", f"{node.target}.bias" if layer.has_bias else None)
 
 
-def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) -> list[fx.Node]:
-    """Annotate the adaptable call sites of `gm` (and the refused calls of adaptable layers);
-    return the sites' nodes in graph order.
+def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None,
+                 parameters: set[str] | None = None) -> list[fx.Node]:
+    """Annotate the adaptable call sites of `gm` (and the refused calls of adaptable layers) and
+    its parameters (`target_parameters` candidates); return the parameters' nodes, then the call
+    sites' in graph order.
 
     Args:
         gm: a Dynamo, export (aten) or plain GraphModule.
         state_names: placeholder name -> parameter / buffer FQN (an ExportedProgram's signature).
+        parameters: which of those FQNs are parameters (an ExportedProgram's signature).
     """
     state_names = state_names or {}
     scopes: dict[str, list[fx.Node]] = {}
@@ -298,12 +315,74 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None) 
         elif site is not None:
             node.meta[SITE_KEY] = site
             found.append(node)
-    return found
+    return parameter_sites(gm, state_names, parameters) + found
+
+
+def parameter_sites(gm: fx.GraphModule, state_names: dict[str, str],
+                    parameters: set[str] | None = None) -> list[fx.Node]:
+    """Annotate every parameter the graph reads as a `target_parameters` candidate (the node is
+    the parameter itself); return those nodes. `parameters`: the FQNs that are parameters (not
+    buffers), where the graph cannot tell (an exported program's signature)."""
+    positions: dict[str, int] = {}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr") or not node.users or has_mark(node, INPUT):
+            continue
+        name = _state_name(node, state_names)
+        if name is None or not _is_parameter(gm, node, name, parameters):
+            continue
+        value = _weight_tensor(gm, node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        module = name.rpartition(".")[0]
+        positions[module] = positions.get(module, -1) + 1
+        reads = _parameter_reads(node, value)
+        transposed = any(form is GROUPED_MM and not via_transpose for _, form, _, via_transpose in reads or ())
+        layer = parameter_layer(name, value, positions[module], transposed)
+        reads = None if reads is None else tuple((call, form, index) for call, form, index, _ in reads)
+        node.meta[SITE_KEY] = TargetSite(layer, None, name, reads=reads)
+        out.append(node)
+    return out
+
+
+def _is_parameter(gm: fx.GraphModule, node: fx.Node, name: str, parameters: set[str] | None) -> bool:
+    if node.op == "get_attr":
+        return isinstance(attr_at(gm, node.target), torch.nn.Parameter)
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is not None:
+        return "_parameters" in source.name
+    return parameters is None or name in parameters
+
+
+def _parameter_reads(param: fx.Node, value: torch.Tensor) -> list[tuple] | None:
+    """How the graph reads a parameter, `(call, form, input index, through a transpose)` per read,
+    if every read is one with a factored adapter form; else None (the weight form)."""
+    reads = []
+    for user in param.users:
+        via_transpose = value.dim() == 3 and _target_name(user) == "transpose" and \
+            sorted(int(d) % 3 for d in user.args[1:3]) == [1, 2]
+        if via_transpose:
+            if not user.users or not all(is_grouped_mm(c) and c.args[1] is user for c in user.users):
+                return None
+            reads += [(c, GROUPED_MM, 0, True) for c in user.users]
+        elif value.dim() == 3 and is_grouped_mm(user) and len(user.args) > 1 and user.args[1] is param:
+            reads.append((user, GROUPED_MM, 0, False))
+        elif value.dim() == 2 and (parsed := parse_call(user)) is not None and parsed.kind is LINEAR \
+                and parsed.weight is param and parsed.input_index is not None:
+            reads.append((user, LINEAR_READ, parsed.input_index, False))
+        else:
+            return None
+    return reads
 
 
 def signature_state_names(sig) -> dict[str, str]:
     """placeholder name -> parameter / buffer FQN, from an ExportedProgram's graph signature."""
     return {**sig.inputs_to_buffers, **sig.inputs_to_parameters}
+
+
+def signature_parameters(sig) -> set[str]:
+    """The parameter FQNs of an ExportedProgram's graph signature."""
+    return set(sig.inputs_to_parameters.values())
 
 
 def weight_node(node: fx.Node) -> fx.Node | None:

@@ -19,6 +19,7 @@ round trips, so a transformed program is recognisable as one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -48,29 +49,54 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         entry = adapters.entries.get(site.layer.name)
         if entry is None:
             continue
-        params = {key: provide(entry.name, key, t) for key, t in entry.tensors.items()}
-        scale = provide(entry.name, SCALING_KEY, entry.scaling)
+        owner = adapters.storage_name(entry.name)  # where the program stores them (PEFT's key prefix)
+        params = {key: provide(owner, key, t) for key, t in entry.tensors.items()}
+        scale = provide(owner, SCALING_KEY, entry.scaling)
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
             set_mark(provided, INPUT, [entry.name, key])
-        builder = GraphBuilder(gm.graph, node, fake_mode)
-        call_values.site, call_values.layer = node, site.layer.name
-        weight, bias = _weight_and_bias(gm, node, entry.variant.needs_base_weight)
-        call = SiteCall(layer=site.layer, x=node.args[site.input_index], base_out=node, training=training,
-                        call_values=call_values, needs_grad=needs_grad, weight=weight, bias=bias)
-        new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
-        created = set(builder.created)
-        for n in created:
-            set_mark(n, ADAPTER, site.layer.name)
-        set_mark(new_out, OUTPUT, site.layer.name)
-        set_mark(new_out, CONFIG, recorded)  # the program's adapters are read back from it
-        set_mark(node, BASE, site.layer.name)
-        node.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
+        for anchor, x, base_out, layer in _calls_of(node, site, entry.resolved.layer):
+            builder = GraphBuilder(gm.graph, anchor, fake_mode)
+            call_values.site, call_values.layer = anchor, site.layer.name
+            weight, bias = _weight_and_bias(gm, base_out, entry.variant.needs_base_weight)
+            call = SiteCall(layer=layer, x=x, base_out=base_out, training=training, call_values=call_values,
+                            needs_grad=needs_grad, weight=weight, bias=bias)
+            new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
+            created = set(builder.created)
+            for n in created:
+                set_mark(n, ADAPTER, site.layer.name)
+            set_mark(new_out, OUTPUT, site.layer.name)
+            set_mark(new_out, CONFIG, recorded)  # the program's adapters are read back from it
+            set_mark(base_out, BASE, site.layer.name)
+            base_out.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
         done += 1
     for n, layer in call_values.created:  # values derived from the call's inputs belong to the adapters
         set_mark(n, ADAPTER, layer)
     gm.graph.lint()
     gm.recompile()
     return done
+
+
+def _calls_of(node: fx.Node, site, resolved_layer) -> list[tuple[fx.Node, fx.Node, fx.Node, object]]:
+    """`(anchor, x, base output, layer)` for each place the site's adapter is added: the call
+    itself for a call site; for a parameter site, each call reading it (the factored form, the
+    layer bound to that read) or, for the weight form, the parameter (its users then read
+    `W + s·B·A`, built just before the first of them). A parameter layer's layout is the
+    resolved one (an attached model knows `is_transposed`; a graph only what its reads show)."""
+    if site.input_index is not None:
+        return [(node, node.args[site.input_index], node, site.layer)]
+    if site.reads is not None:
+        out = []
+        for call, form, index in site.reads:
+            form = form.bind(call) if hasattr(form, "bind") else form
+            out.append((call, call.args[index], call, replace(resolved_layer, kind=form)))
+        return out
+    first_user = min(node.users, key=_position(node.graph))
+    return [(first_user.prev, node, node, resolved_layer)]
+
+
+def _position(graph: fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
 
 
 def _weight_and_bias(gm: fx.GraphModule, node: fx.Node, needed: bool):

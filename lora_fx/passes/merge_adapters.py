@@ -99,7 +99,8 @@ def _base_call_of(output: fx.Node, layer: str) -> tuple[fx.Node, fx.Node]:
 
 def _site_behind(node: fx.Node, layer: str) -> fx.Node | None:
     """`node` if it is a call site of `layer`, else the site it views (through nodes carrying the
-    layer's `BASE` mark), else None."""
+    layer's `BASE` mark), else None. A `BASE`-marked node with no marked input is the call itself
+    (a parameter's read: a grouped matmul, a linear of a 2-D parameter)."""
     while True:
         site = node.meta.get(SITE_KEY)
         if site is not None and site.layer.name == layer:
@@ -108,9 +109,20 @@ def _site_behind(node: fx.Node, layer: str) -> fx.Node | None:
             return None
         inputs = [n for n in node.all_input_nodes if get_mark(n, BASE) == layer or
                   (n.meta.get(SITE_KEY) is not None and n.meta[SITE_KEY].layer.name == layer)]
+        if not inputs:
+            return node
         if len(inputs) != 1:
             return None
         node = inputs[0]
+
+
+def merged_names(call: fx.Node, layer: str) -> tuple[str, str | None]:
+    """(weight name, bias name or None) a layer's base call reads: from its site annotation; a
+    parameter's read carries none, and the parameter's name is the layer's."""
+    site = call.meta.get(SITE_KEY)
+    if site is not None and site.layer.name == layer:
+        return site.weight, site.bias
+    return layer, None
 
 
 def check_untied(sites: dict[str, list[fx.Node]]) -> None:

@@ -96,11 +96,8 @@ class LoraVariant(Variant):
         # work and no extra pass over an output-sized tensor (measured in docs/performance.md).
         # With lora_bias the bias is scaled too, so the product is scaled after B as PEFT does.
         scale_early = bias is None
-        x = site.x
-        if not layer.kind.lookup:  # indices (embedding inputs): no cast, no dropout (as PEFT)
-            x = b.cast(site.x, adapter_dtype, b.dtype_of(site.x, layer.weight_dtype))
-            if site.training and cfg.lora_dropout > 0:
-                x = b.call(aten.dropout.default, x, float(cfg.lora_dropout), True)
+        x = layer.kind.adapter_input(b, site.x, adapter_dtype, layer.weight_dtype,
+                                     cfg.lora_dropout if site.training else 0.0)
         if (layer.kind.linear_family and scale_early and not site.needs_grad
                 and adapter_dtype == out_dtype and b.shape_of(site.base_out) is not None):
             a_key, b_key = layer.kind.factor_keys()
@@ -145,8 +142,8 @@ class LoraVariant(Variant):
         return (merged.float() - scaling * tensors["lora_B.bias"].float()).to(merged.dtype)
 
     def delta_weight(self, weight, tensors, scaling: float, layer: LayerInfo) -> torch.Tensor:
-        a, b = layer.kind.factor_matrices(*(tensors[k].float() for k in layer.kind.factor_keys()))
-        return layer.kind.from_rows(b @ a * scaling, weight.shape)
+        a, b = (tensors[k].float() for k in layer.kind.factor_keys())
+        return layer.kind.delta_weight(a, b, layer, weight.shape) * scaling
 
 
 def _accumulate_into_base(b, site: SiteCall, x, a, weight_b, scale):
