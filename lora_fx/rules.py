@@ -156,12 +156,13 @@ def effective_config(cfg: LoraConfig, layers: list[LayerInfo], output_layers: se
 
     Example:
         >>> from lora_fx.layers import LayerInfo
-        >>> experts = [LayerInfo("m.experts.gate_up_proj", "parameter", 8, 16, num_experts=4),
-        ...            LayerInfo("m.experts.down_proj", "parameter", 8, 8, num_experts=4),
+        >>> experts = [LayerInfo("m.experts.gate_up_proj", "parameter", 8, 16, num_experts=4,
+        ...                      parameter_shape=(4, 16, 8)),
+        ...            LayerInfo("m.experts.down_proj", "parameter", 8, 8, num_experts=4, parameter_shape=(4, 8, 8)),
         ...            LayerInfo("m.q_proj", "linear", 8, 8)]
         >>> cfg = effective_config(LoraConfig(r=2, target_modules="all-linear"), experts)
-        >>> cfg.target_modules, cfg.target_parameters, cfg.rank_pattern
-        (['q_proj'], ['down_proj', 'gate.weight', 'gate_up_proj'], {'.*\\.gate_up_proj': 4})
+        >>> cfg.target_modules, cfg.target_parameters, list(cfg.rank_pattern.values())
+        (['q_proj'], ['down_proj', 'gate.weight', 'gate_up_proj'], [4])
     """
     tm = cfg.target_modules
     if not (isinstance(tm, str) and tm.lower() == ALL_LINEAR) or not _has_fused_experts(layers, model_type):
