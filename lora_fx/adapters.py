@@ -109,9 +109,9 @@ class AdapterSet:
         self.saved: dict[str, dict[str, nn.Parameter]] = {}
         self._saved_deferred: dict[tuple[str, str], torch.Tensor] = {}  # loaded while the copy was on meta
 
-    def storage_name(self, name: str) -> str:
-        """The prefix of a layer's tensors in files and programs (`storage_prefixes`)."""
-        return storage_prefixes(e.resolved.layer for e in self.entries.values())[name]
+    def storage_names(self) -> dict[str, str]:
+        """layer -> the prefix of its tensors in files and programs (`storage_prefixes`)."""
+        return storage_prefixes(e.resolved.layer for e in self.entries.values())
 
     def snapshot(self) -> AdapterSet:
         """An independent copy of these adapters (tensors cloned, same config, variants and
@@ -233,7 +233,7 @@ class AdapterSet:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """`(layer.key, tensor)` for every trainable adapter tensor, then
         `(module.modules_to_save.name, copy)` for the modules saved in full."""
-        prefixes = storage_prefixes(e.resolved.layer for e in self.entries.values())
+        prefixes = self.storage_names()
         for name, entry in self.entries.items():
             for key, t in entry.tensors.items():
                 if t.requires_grad:
@@ -252,7 +252,7 @@ class AdapterSet:
             LoraFxError: an adapter has no values yet (made on the meta device, never materialised).
         """
         out = {}
-        prefixes = storage_prefixes(e.resolved.layer for e in self.entries.values())
+        prefixes = self.storage_names()
         for name, entry in self.entries.items():
             for key, t in entry.tensors.items():
                 if t.device.type == "meta":
@@ -339,7 +339,7 @@ class AdapterSet:
             AdapterFileError: naming the missing / unexpected / mis-shaped / non-float / non-finite key.
         """
         # file key -> (the tensor it loads into, where to keep it while that tensor is on meta)
-        prefixes = storage_prefixes(e.resolved.layer for e in self.entries.values())
+        prefixes = self.storage_names()
         own: dict[str, tuple[torch.Tensor, dict, Any]] = {
             f"{PEFT_PREFIX}{prefixes[name]}.{key}": (t, entry.deferred, key)
             for name, entry in self.entries.items() for key, t in entry.tensors.items()}

@@ -396,7 +396,8 @@ class LoraBackend:
                 self.adapters.saved_copy(module, name, values[inp])
         if self._pending is None:
             return
-        prefixes = tuple(f"{PEFT_PREFIX}{self.adapters.storage_name(name)}." for name in added) + tuple(
+        storage = self.adapters.storage_names()
+        prefixes = tuple(f"{PEFT_PREFIX}{storage[name]}." for name in added) + tuple(
             f"{PEFT_PREFIX}{name}." for name in new_saved)
         base_keys = base_weight_keys(self._pending, base)
         mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes) or k in base_keys}

@@ -64,11 +64,14 @@ class ParameterKind(LayerKind):
     def adapter_input(self, b, x, adapter_dtype, weight_dtype, dropout):
         return x
 
+    def bind(self, call: fx.Node) -> ParameterKind:
+        """This form for one reading call (a form that repeats the call's arguments keeps it)."""
+        return self
+
     # -- the weight form: "A(x)" is A itself, per expert; "B(h)" is the delta in W's layout ----
     def apply_a(self, b, layer, x, a):
-        dtype = b.dtype_of(x, layer.weight_dtype)  # x is W: the factors take its dtype, as PEFT's
-        a3 = b.call(aten.reshape.default, a, [layer.num_experts, -1, layer.in_features])
-        return b.cast(a3, dtype, b.dtype_of(a, dtype))  # the scaling then multiplies r·in per expert
+        # x is W: the factors take its dtype, as PEFT's; the scaling then multiplies r·in per expert.
+        return _experts_a(b, layer, a, b.dtype_of(x, layer.weight_dtype))
 
     def apply_b(self, b, layer, h, weight_b, bias):
         dtype = b.dtype_of(h, layer.weight_dtype)
@@ -90,6 +93,12 @@ class ParameterKind(LayerKind):
         raise NotImplementedError("a parameter target has no per-channel rows (DoRA is refused for it)")
 
 
+def _experts_a(b, layer, a: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """A (r·E, in) as (E, r, in) in `dtype`: expert e's rows are e·r .. e·r+r-1 (PEFT's layout)."""
+    a3 = b.call(aten.reshape.default, a, [layer.num_experts, -1, layer.in_features])
+    return b.cast(a3, dtype, b.dtype_of(a, dtype))
+
+
 def _experts_b(b, layer, weight_b: fx.Node) -> fx.Node:
     """B (out, r·E) as (E, out, r): expert e's columns are e, E+e, 2E+e, ... (PEFT's layout)."""
     shaped = b.call(aten.reshape.default, weight_b, [layer.out_features, -1, layer.num_experts])
@@ -101,9 +110,6 @@ class LinearRead(ParameterKind):
     form on the call's input, added to its output."""
 
     name = "parameter:linear"
-
-    def adapter_input(self, b, x, adapter_dtype, weight_dtype, dropout):
-        return x
 
     def apply_a(self, b, layer, x, a):
         dtype = b.dtype_of(x, layer.weight_dtype)
@@ -133,9 +139,7 @@ class GroupedMMRead(ParameterKind):
         return b.call(self.call.target, *args, **self.call.kwargs)
 
     def apply_a(self, b, layer, x, a):
-        dtype = b.dtype_of(x, layer.weight_dtype)
-        a3 = b.call(aten.reshape.default, b.cast(a, dtype, b.dtype_of(a, dtype)), [layer.num_experts, -1,
-                                                                                   layer.in_features])
+        a3 = _experts_a(b, layer, a, b.dtype_of(x, layer.weight_dtype))
         # (E, in, r), laid out so each expert's matrix is column-major as the base's transposed weight.
         return self._same_op(b, x, b.call(aten.transpose.int, a3, -2, -1))
 

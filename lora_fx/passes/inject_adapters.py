@@ -43,13 +43,14 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
     fake_mode = graph_fake_mode(gm.graph)
     recorded = config_mark(adapters.cfg.to_peft_dict(), training)
     call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode)
+    storage = adapters.storage_names()
     done = 0
     for node in site_nodes:
         site = node.meta[SITE_KEY]
         entry = adapters.entries.get(site.layer.name)
         if entry is None:
             continue
-        owner = adapters.storage_name(entry.name)  # where the program stores them (PEFT's key prefix)
+        owner = storage[entry.name]  # where the program stores them (PEFT's key prefix)
         params = {key: provide(owner, key, t) for key, t in entry.tensors.items()}
         scale = provide(owner, SCALING_KEY, entry.scaling)
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
@@ -87,16 +88,12 @@ def _calls_of(node: fx.Node, site, resolved_layer) -> list[tuple[fx.Node, fx.Nod
     if site.reads is not None:
         out = []
         for call, form, index in site.reads:
-            form = form.bind(call) if hasattr(form, "bind") else form
-            out.append((call, call.args[index], call, replace(resolved_layer, kind=form)))
+            out.append((call, call.args[index], call, replace(resolved_layer, kind=form.bind(call))))
         return out
-    first_user = min(node.users, key=_position(node.graph))
+    first_user = node.next  # users follow the parameter: walk to the first of them
+    while first_user not in node.users:
+        first_user = first_user.next
     return [(first_user.prev, node, node, resolved_layer)]
-
-
-def _position(graph: fx.Graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _weight_and_bias(gm: fx.GraphModule, node: fx.Node, needed: bool):
