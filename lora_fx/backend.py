@@ -397,6 +397,15 @@ class LoraBackend:
         if self._pending is None:
             return
         storage = self.adapters.storage_names()
+        # Names here are relative to the compiled frame: a layer the directory has no tensors for
+        # would silently run with freshly initialised factors. Refuse it by name instead.
+        for name in added:
+            if not any(k.startswith(f"{PEFT_PREFIX}{storage[name]}.") for k in self._pending):
+                raise LoraFxError(
+                    f"layer {name!r} (as the compiled graph names it) is targeted by the adapter's config but the "
+                    "adapter directory holds no tensors under that name. Names in the graph are relative to the "
+                    "frame Dynamo compiled; attach the model with lora.parameters(model) so that lora_fx uses its "
+                    "names")
         prefixes = tuple(f"{PEFT_PREFIX}{storage[name]}." for name in added) + tuple(
             f"{PEFT_PREFIX}{name}." for name in new_saved)
         base_keys = base_weight_keys(self._pending, base)

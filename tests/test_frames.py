@@ -117,3 +117,45 @@ def test_unattached_backend_says_to_attach_when_frame_names_do_not_match(tmp_pat
                            inner="aot_eager")
     with raised_while_compiling(lora_fx.TargetNotFoundError, r"not attached to the model.*lora.parameters\(model\)"):
         torch.compile(model, backend=lora)(token_input())
+
+
+class WrappedForward(nn.Module):
+    """A model whose `forward` is a `(*args, **kwargs)` wrapper (as transformers >= 5.24 decorates
+    its models' forwards): Dynamo compiles the wrapper's frame, where the model is `args[0]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def _forward(self, x):
+        return self.inner(x)
+
+    def forward(*args, **kwargs):
+        return WrappedForward._forward(*args, **kwargs)
+
+
+def test_unattached_backend_names_layers_of_a_wrapped_forward_as_peft_does(tmp_path):
+    torch.manual_seed(0)
+    base = WrappedForward().eval()
+    peft_model, path = peft_adapter(base, tmp_path, r=2, target_modules=["inner.0", "inner.2"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = peft_model(x)
+    lora = lora_fx.backend(path, inner="aot_eager")  # not attached: names come from the graph alone
+    with torch.no_grad():
+        out = torch.compile(copy.deepcopy(base), backend=lora, fullgraph=True)(x)
+    assert sorted(lora.adapters.entries) == ["inner.0", "inner.2"]
+    assert_close(out, ref, "wrapped forward")
+
+
+def test_unattached_backend_refuses_a_targeted_layer_the_directory_has_no_tensors_for(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    _, path = peft_adapter(base, tmp_path, r=2, target_modules=["0"])
+    # A graph whose layer names carry a prefix the directory does not know ("outer.0" is matched by
+    # the target "0", as PEFT matches suffixes, but its tensors are saved under "0").
+    outer = nn.Module()
+    outer.add_module("outer", copy.deepcopy(base))
+    lora = lora_fx.backend(path, inner="aot_eager")
+    with raised_while_compiling(lora_fx.LoraFxError, r"layer 'outer.0'.*no tensors under that name"):
+        torch.compile(lambda x: outer.outer(x), backend=lora)(torch.randn(2, 8))

@@ -83,12 +83,16 @@ class TargetSite:
 
 
 # -- names ------------------------------------------------------------------------------------
-_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
+# The frame's root: a local (`L['self']`, `L['model']`), or `L['args'][0]`: the module itself when
+# the compiled frame is a `(*args, **kwargs)` wrapper around `forward` (transformers decorates
+# `forward` so since 5.24), whose first argument is `self`.
+_ROOT = re.compile(r"^L\[['\"]args['\"]\]\[0\]|^L\[['\"][^'\"]+['\"]\]")
 _ITEM = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
 
 def normalize_path(path: str) -> str:
-    """`L['self']._modules['model'].layers[0]` -> `model.layers.0` (Dynamo spellings of a path)."""
+    """`L['self']._modules['model'].layers[0]` -> `model.layers.0` (Dynamo spellings of a path;
+    `L['args'][0]` is a root too, see `_ROOT`)."""
     path = _ROOT.sub("", path)
     path = re.sub(r"\._(modules|parameters|buffers)(?=\[)", "", path)
     path = _ITEM.sub(lambda m: "." + m.group(1), path)
