@@ -26,6 +26,7 @@ from .config import LoraConfig
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
+from .passes.differentiate_base_ops import differentiate_base_ops
 from .passes.find_targets import (
     SITE_KEY,
     find_targets,
@@ -350,9 +351,11 @@ class LoraBackend:
 
         if with_adapters:
             # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
+            needs_grad = torch.is_grad_enabled() or not self.inference_form
             inject_adapters(work, site_nodes, self.adapters, provide, training=training,
-                            user_inputs=user_input_names(placeholders),
-                            needs_grad=torch.is_grad_enabled() or not self.inference_form)
+                            user_inputs=user_input_names(placeholders), needs_grad=needs_grad)
+            if needs_grad:
+                differentiate_base_ops(work)
         substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
                                  provide)
         # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
@@ -432,6 +435,16 @@ class LoraBackend:
                     raise LoraFxError(f"layer {owner!r}'s weight is read in the compiled graph under the name "
                                       f"{layer!r}, which lora_fx cannot match to the attached model; compile the "
                                       "model itself")
+        # A quantized layer is found by its module call; one whose weight this graph reads with no
+        # whole call of it here (a graph break inside its forward) would silently lose its adapter.
+        sited = {node.meta[SITE_KEY].layer.name for node in site_nodes}
+        read = set(named.state_names.values())
+        for name, entry in self.adapters.entries.items():
+            if entry.resolved.layer.kind.module_boundary and name not in sited and f"{name}.weight" in read:
+                raise UnsupportedFeatureError(
+                    f"layer {name!r} has an adapter, but its forward does not run whole in this compiled graph (it "
+                    "reads the layer's weight without the layer's call: a graph break inside its forward?), so "
+                    "lora_fx cannot tell its output")
         for layer in unmatched_layers(gm, site_nodes, named.state_names):
             if layer.name in self.adapters.entries:
                 raise UnsupportedFeatureError(f"layer {layer.name!r} has an adapter, but lora_fx cannot adapt its call "

@@ -86,11 +86,11 @@ def layer_of_module(name: str, module: nn.Module) -> LayerInfo | None:
     common = dict(name=name, kind=kind, class_name=class_qualname(type(module)),
                   has_bias=getattr(module, "bias", None) is not None,
                   weight_dtype=w.dtype, weight_device=str(w.device))
-    if not w.is_floating_point():
+    if not w.is_floating_point() and not kind.module_boundary:
         reason = (f"its class {class_qualname(type(module))} holds a {w.dtype} weight of shape {tuple(w.shape)} "
-                  "(quantized); QLoRA and quantized bases are not supported yet")
+                  "(quantized) and is not a quantized layer lora_fx knows (bitsandbytes Linear4bit, Linear8bitLt)")
         return LayerInfo(in_features=0, out_features=0, unsupported=reason, **common)
-    return LayerInfo(**kind.describe_module(module), **common)
+    return LayerInfo(**{**common, **kind.describe_module(module)})
 
 
 def layers_of_module(model: nn.Module) -> list[LayerInfo]:

@@ -64,3 +64,48 @@ def test_triton_kernels_in_the_interpreter():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "ok 18", lines[-3:]  # 2 dtypes x (3 layouts x 2 bias + 3 norm shapes)
+
+
+# -- gemm_4bit: bitsandbytes' 4-bit matmul with the input's gradient ------------------------------
+
+def _gemm_4bit_args(quant_type, nested, with_bias, requires_grad):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(32, 128, generator=gen)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                                                 compress_statistics=nested)
+    x = torch.randn(3, 5, 128, generator=gen).requires_grad_(requires_grad)
+    bias = torch.randn(32, generator=gen).requires_grad_(requires_grad) if with_bias else None
+    nested_args = (state.absmax, state.state2.code, state.offset) if nested else (None, None, None)
+    absmax = state.state2.absmax if nested else state.absmax
+    args = (x, packed.view(-1, 1), list(state.shape), absmax, state.blocksize, quant_type, bias, *nested_args)
+    return args, state
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_opcheck_gemm_4bit(quant_type, nested, with_bias):
+    args, _ = _gemm_4bit_args(quant_type, nested, with_bias, requires_grad=True)
+    opcheck(torch.ops.lora_fx.gemm_4bit.default, args)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_gemm_4bit_is_bitsandbytes_forward_with_the_dequantized_weights_gradient(quant_type, nested):
+    import bitsandbytes.functional as bnb_functional
+
+    args, state = _gemm_4bit_args(quant_type, nested, True, requires_grad=True)
+    x, bias = args[0], args[6]
+    out = torch.ops.lora_fx.gemm_4bit(*args)
+    with torch.no_grad():  # the same kernel bitsandbytes runs
+        assert torch.equal(out, torch.ops.bitsandbytes.gemm_4bit.default(*args[:6], bias=bias, absmax_8bit=args[7],
+                                                                          absmax_code=args[8], absmax_offset=args[9]))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((out * weights).sum(), (x, bias))
+    # Reference: plain autograd through a linear of the dequantized weight (bitsandbytes' own rule).
+    weight = bnb_functional.dequantize_4bit(args[1], state)
+    ref = torch.nn.functional.linear(x, weight, bias)
+    want = torch.autograd.grad((ref * weights).sum(), (x, bias))
+    for g, w, name in zip(got, want, ("input", "bias"), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"grad of the {name}")

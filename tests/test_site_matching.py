@@ -234,28 +234,37 @@ def test_decomposed_tied_weight_is_still_refused_by_merge(tmp_path):
 
 # -- layers lora_fx cannot adapt ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def llama_4bit_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama4bit")
-    tiny_llama().save_pretrained(path)
-    return path
+class Int8Linear(nn.Linear):
+    """A quantized linear lora_fx does not know: an int8 weight and a per-row scale, dequantized
+    in its forward."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        scale = linear.weight.detach().abs().amax(1, keepdim=True) / 127
+        del self.weight
+        self.register_parameter("weight", nn.Parameter((linear.weight.detach() / scale).round().to(torch.int8),
+                                                       requires_grad=False))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.float() * self.scale)
 
 
-def _load_4bit(path):
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)).eval()
+def _with_unknown_quantized_layers():
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = Int8Linear(layer.self_attn.q_proj)
+    return model
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], "all-linear"])
 @pytest.mark.parametrize("attached", [True, False], ids=["attached", "unattached"])
-def test_quantized_layers_are_refused_by_name(llama_4bit_dir, targets, attached):
-    pytest.importorskip("bitsandbytes")
-    model = _load_4bit(llama_4bit_dir)
+def test_quantized_layers_of_an_unknown_class_are_refused_by_name(targets, attached):
+    model = _with_unknown_quantized_layers()
     lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=targets), inner="aot_eager")
-    expected = r"layer 'model.layers.0.self_attn.q_proj'.*bitsandbytes.nn.modules.Linear4bit.*not supported yet"
+    expected = r"layer 'model.layers.0.self_attn.q_proj'.*Int8Linear.*bitsandbytes' Linear4bit and Linear8bitLt"
     if attached:
+        expected = r"layer 'model.layers.0.self_attn.q_proj'.*Int8Linear holds a torch.int8 weight.*Linear8bitLt"
         with pytest.raises(lora_fx.UnsupportedFeatureError, match=expected):
             lora.parameters(model)
         assert len(lora.adapters) == 0
@@ -264,19 +273,18 @@ def test_quantized_layers_are_refused_by_name(llama_4bit_dir, targets, attached)
             torch.compile(model, backend=lora)(token_input())
 
 
-def test_unquantized_layers_of_a_quantized_model_still_adapt(llama_4bit_dir):
-    pytest.importorskip("bitsandbytes")
-    model = _load_4bit(llama_4bit_dir)
+def test_unquantized_layers_of_a_quantized_model_still_adapt():
+    model = _with_unknown_quantized_layers()
     lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False),
                            inner="aot_eager")
     lora.parameters(model)
     x = token_input()
     base = model(x).logits
-    out = torch.compile(model, backend=lora, fullgraph=False)(x).logits
+    out = torch.compile(model, backend=lora, fullgraph=True)(x).logits
     entry = lora.adapters.entries["lm_head"]
     hidden = model.model(x).last_hidden_state
     delta = hidden @ entry.tensors["lora_A.weight"].t() @ entry.tensors["lora_B.weight"].t() * entry.resolved.scaling
-    assert_close(out, base + delta, "lm_head adapter on a 4-bit model")
+    assert_close(out, base + delta, "lm_head adapter on a model with quantized layers")
 
 
 def test_a_class_this_process_has_not_imported_is_refused_not_guessed(tmp_path):

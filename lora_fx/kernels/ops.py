@@ -4,6 +4,9 @@
 - `dora_compose_backward(Tensor grad, Tensor base, Tensor lora, Tensor g, Tensor scale, Tensor? bias,
   int channel_dim) -> (Tensor, Tensor, Tensor)`
 - `dora_norm(Tensor wsq, Tensor b, Tensor wa, Tensor baa, Tensor scale, float eps) -> Tensor`
+- `gemm_4bit(...)`: bitsandbytes' `gemm_4bit` (same schema) with the gradient of its input, for
+  QLoRA bases traced without gradients (see its section below; no Triton kernel: the compute is
+  bitsandbytes').
 
 Each op: a Triton kernel through `triton_op` + `wrap_triton` (so Inductor sees inside it on CUDA),
 the pure-torch reference as its CPU kernel, a fake impl, and autograd (`dora_compose` through
@@ -129,3 +132,73 @@ def _norm_backward(ctx, grad):
 
 
 dora_norm.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+# -- gemm_4bit -----------------------------------------------------------------------------------
+# bitsandbytes' 4-bit matmul with the gradient of its input. bitsandbytes calls its own op
+# `bitsandbytes::gemm_4bit`, which has no autograd formula, whenever the input does not require
+# grad, and adds the gradient through an autograd.Function otherwise. Dynamo traces the base model
+# before lora_fx adds adapters, when no activation requires grad: every 4-bit matmul is then the
+# gradient-less op, and the adapters upstream of it would get no (or a wrong) gradient. The
+# backend swaps those calls for this op (`passes/differentiate_base_ops.py`). Forward: the very same
+# bitsandbytes kernel (bit-identical); backward: bitsandbytes' own rule, dA = dY · dequantize(B).
+# There is no Triton kernel: the compute is bitsandbytes'.
+
+_GEMM_4BIT_SCHEMA = ("(Tensor A, Tensor B, int[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+                     "Tensor? bias=None, Tensor? absmax_8bit=None, Tensor? absmax_code=None, "
+                     "Tensor? absmax_offset=None) -> Tensor")
+
+
+def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+               absmax_offset=None):
+    return torch.ops.bitsandbytes.gemm_4bit.default(A, B, shapeB, absmax, blocksize, quant_type, bias=bias,
+                                                    absmax_8bit=absmax_8bit, absmax_code=absmax_code,
+                                                    absmax_offset=absmax_offset)
+
+
+gemm_4bit = torch.library.custom_op("lora_fx::gemm_4bit", _gemm_4bit, mutates_args=(), schema=_GEMM_4BIT_SCHEMA)
+
+
+@gemm_4bit.register_fake
+def _(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+      absmax_offset=None):
+    torch._check(len(shapeB) == 2, lambda: f"lora_fx::gemm_4bit: shapeB must be [N, K], got {list(shapeB)}")
+    torch._check(A.shape[-1] == shapeB[1],
+                 lambda: f"lora_fx::gemm_4bit: the input's last dim {A.shape[-1]} is not K={shapeB[1]}")
+    torch._check(bias is None or tuple(bias.shape) == (shapeB[0],),
+                 lambda: f"lora_fx::gemm_4bit: bias of shape {tuple(bias.shape)} for N={shapeB[0]}")
+    return A.new_empty((*A.shape[:-1], shapeB[0]))
+
+
+def dequantize_4bit_weight(B, shapeB, absmax, blocksize, quant_type, dtype, absmax_8bit=None, absmax_code=None,
+                           absmax_offset=None) -> torch.Tensor:
+    """The (N, K) weight a `gemm_4bit` call multiplies by, in `dtype`. With nested statistics
+    (`absmax_8bit`: bitsandbytes' double quantization) `absmax` are the second-level scales of
+    the 8-bit first-level ones, in blocks of 256."""
+    if absmax_8bit is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax_8bit, absmax, absmax_code, 256,
+                                                                     torch.float32) + absmax_offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(B, absmax, blocksize, quant_type, list(shapeB), dtype)
+
+
+def _gemm_4bit_setup(ctx, inputs, output):
+    A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset = inputs
+    ctx.save_for_backward(B, absmax, absmax_8bit, absmax_code, absmax_offset)
+    ctx.meta = (list(shapeB), blocksize, quant_type)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad  # a trainable base bias (bias="all")
+
+
+def _gemm_4bit_backward(ctx, grad):
+    B, absmax, absmax_8bit, absmax_code, absmax_offset = ctx.saved_tensors
+    shapeB, blocksize, quant_type = ctx.meta
+    d_a = d_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize_4bit_weight(B, shapeB, absmax, blocksize, quant_type, grad.dtype, absmax_8bit,
+                                        absmax_code, absmax_offset)
+        d_a = torch.matmul(grad, weight)
+    if ctx.bias_needs_grad:
+        d_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return d_a, None, None, None, None, None, d_bias, None, None, None
+
+
+gemm_4bit.register_autograd(_gemm_4bit_backward, setup_context=_gemm_4bit_setup)

@@ -96,6 +96,7 @@ def kind_of_class(cls: type | str) -> LayerKind | None:
     return None
 
 
+from .bnb import Linear4bitKind, Linear8bitKind  # noqa: E402
 from .conv import ConvKind  # noqa: E402
 from .embedding import EmbeddingKind  # noqa: E402
 from .hf_conv1d import HFConv1DKind  # noqa: E402
@@ -106,8 +107,11 @@ LINEAR = register(LinearKind())
 HF_CONV1D = register(HFConv1DKind())
 EMBEDDING = register(EmbeddingKind())
 CONV = register(ConvKind())
+LINEAR_4BIT = register(Linear4bitKind())
+LINEAR_8BIT = register(Linear8bitKind())
 register(PARAMETER)  # found as parameters; its read forms (LINEAR_READ, GROUPED_MM) are bound per site
 
-__all__ = ["CONV", "EMBEDDING", "GROUPED_MM", "HF_CONV1D", "LINEAR", "LINEAR_READ", "PARAMETER", "LayerKind",
+__all__ = ["CONV", "EMBEDDING", "GROUPED_MM", "HF_CONV1D", "LINEAR", "LINEAR_4BIT", "LINEAR_8BIT", "LINEAR_READ",
+           "PARAMETER", "LayerKind",
            "ParsedCall", "all_kinds", "class_qualname", "get", "is_grouped_mm", "kind_of_class", "parse_call",
            "register", "resolve_class", "unregister"]

@@ -59,6 +59,17 @@ class LayerKind:
     lookup: bool = False          # its input is indices: no dtype cast, no dropout (as PEFT)
     output_channel_dim: int = -1  # the output's channel dimension (per-channel DoRA vectors)
     targets_parameter: bool = False  # chosen by `target_parameters` (a raw parameter), not `target_modules`
+    # The adapter reads the module's input and is added to the module's output, whatever ops the
+    # module computes in between (quantized layers: PEFT wraps the module, and the op is the
+    # library's own). Such kinds `parse` nothing; find_targets reads the module's boundary.
+    module_boundary: bool = False
+    # PEFT rounds the adapter's output to the base output's dtype before adding it (its bitsandbytes
+    # layers), instead of adding in the wider dtype and rounding the sum once (its other layers).
+    rounds_delta_first: bool = False
+    # Ops of this kind's base that have no autograd formula -> a thunk giving their differentiable
+    # twin (same schema and forward); ops that have no twin -> why (passes/differentiate_base_ops.py).
+    gradient_twins: dict = {}
+    gradientless_ops: dict = {}
 
     def __repr__(self) -> str:
         return self.name
@@ -68,6 +79,8 @@ class LayerKind:
     # -- reading -----------------------------------------------------------------------------
     def parse(self, node: fx.Node) -> ParsedCall | None:
         """The call of this kind `node` is, else None."""
+        if self.module_boundary:
+            return None
         raise NotImplementedError
 
     def dims_of_weight(self, weight: torch.Tensor, extras: dict) -> dict:

@@ -26,6 +26,12 @@ Other calls of adaptable classes (a subclass that pads, routes, rescales; a quan
 own matmul) are annotated as refused with the reason: rule resolution refuses to target them
 (`unmatched_layers`) rather than silently leaving them unadapted or adapting them differently.
 
+Quantized layers (kinds with `module_boundary`: bitsandbytes' Linear4bit / Linear8bitLt) compute
+with the library's own ops, in forms that change with grad mode and device; they are found by
+their module call instead (`boundary_sites`): the site is the node whose value leaves the module
+call, and its `module_input` the one activation entering it, where PEFT's wrapper puts the
+adapter too. A call without exactly one of each, or that does not read its weight, is refused.
+
 Invariants: the pass only writes `node.meta["lora_fx_site"]` (sites) and
 `node.meta["lora_fx_refused"]` (refused calls of adaptable layers); the graph is unchanged.
 """
@@ -80,6 +86,8 @@ class TargetSite:
     # A parameter site (the node is the parameter): how each call reads it, `(call, form, input
     # index)`, when every read is one lora_fx can adapt in factored form; None: the weight form.
     reads: tuple[tuple[fx.Node, LayerKind, int], ...] | None = None
+    # A module-boundary site (a quantized layer; the node is the module's output): the module's input.
+    module_input: fx.Node | None = None
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -306,11 +314,14 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None,
         if key is not None:
             scopes.setdefault(key, []).append(node)
     found = []
+    boundaries = boundary_sites(scopes, state_names)
     for node in gm.graph.nodes:
-        site = None
+        site = boundaries.get(node)
         if has_mark(node, ADAPTER):  # an adapter's own linear (of a transformed graph) is no site
             continue
-        if node.op in ("call_function", "call_method"):
+        if site is not None:
+            pass
+        elif node.op in ("call_function", "call_method"):
             site = _site_of_call(gm, node, state_names, scopes)
         elif node.op == "call_module":
             site = _site_of_module_call(gm, node)
@@ -320,6 +331,62 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None,
             node.meta[SITE_KEY] = site
             found.append(node)
     return parameter_sites(gm, state_names, parameters) + found
+
+
+def boundary_sites(scopes: dict[str, list[fx.Node]], state_names: dict[str, str]) -> dict[fx.Node, object]:
+    """The sites of module-boundary kinds (quantized layers), keyed by the module call's output node:
+    a `TargetSite` whose `module_input` is the one activation entering the call, or a refusal
+    (`LayerInfo` with `unsupported`) when the call has no single input and output in this graph."""
+    out: dict[fx.Node, object] = {}
+    for nodes in scopes.values():
+        entry = _module_stack_entry(nodes[-1])
+        kind = kind_of_class(entry[1]) if entry is not None else None
+        if kind is None or not kind.module_boundary:
+            continue
+        name, cls = entry
+        body = [n for n in nodes if n.op in ("call_function", "call_method") and not has_mark(n, ADAPTER)]
+        inside = set(body)
+        outputs = [n for n in body if _is_tensor(n) and any(u not in inside for u in n.users)]
+        inputs, state = [], set()
+        for n in body:
+            for a in _flat_nodes((n.args, n.kwargs)):
+                if a in inside or a in inputs or a in state:
+                    continue
+                if _is_module_state(a, state_names):
+                    state.add(a)
+                elif _is_tensor(a):
+                    inputs.append(a)
+        layer = LayerInfo(name=name, kind=kind, in_features=0, out_features=0, class_name=class_qualname(cls))
+        x_val, y_val = (node_value(inputs[0]) if len(inputs) == 1 else None,
+                        node_value(outputs[0]) if len(outputs) == 1 else None)
+        if len(outputs) != 1 or len(inputs) != 1 or not all(isinstance(v, torch.Tensor) for v in (x_val, y_val)):
+            if outputs:
+                out[outputs[-1]] = replace(layer, unsupported=(
+                    f"lora_fx cannot find its call's one input and one output in this graph ({len(inputs)} inputs, "
+                    f"{len(outputs)} outputs: a graph break inside its forward?)"))
+            continue
+        if not any(_state_name(a, state_names) == f"{name}.weight" for a in state):
+            # The module's weight is read elsewhere: a graph break inside its forward split it.
+            out[outputs[0]] = replace(layer, unsupported=(
+                "its forward does not run whole in this graph (it does not read its weight here: a graph break inside "
+                "its forward?), so lora_fx cannot tell its output"))
+            continue
+        has_bias = any(_state_name(a, state_names) == f"{name}.bias" for a in state)
+        layer = replace(layer, in_features=x_val.shape[-1], out_features=y_val.shape[-1], has_bias=has_bias,
+                        weight_device=str(y_val.device))
+        out[outputs[0]] = TargetSite(layer, None, f"{name}.weight", f"{name}.bias" if has_bias else None,
+                                     module_input=inputs[0])
+    return out
+
+
+def _is_module_state(node: fx.Node, state_names: dict[str, str]) -> bool:
+    """Whether `node` is a module's own tensor (parameter, buffer, or an attribute such as a
+    quantized weight's statistics), not an activation."""
+    if node.op == "get_attr" or _state_name(node, state_names) is not None:
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
+    name = getattr(source, "name", "") if source is not None else ""
+    return name.startswith("L['self']") or any(part in name for part in ("_modules[", "_parameters[", "_buffers["))
 
 
 def parameter_sites(gm: fx.GraphModule, state_names: dict[str, str],
@@ -499,7 +566,8 @@ def _flat_nodes(value) -> list[fx.Node]:
 
 def unsupported_reason(class_name: str) -> str:
     return (f"its class {class_name} computes with a weight lora_fx cannot adapt (quantized, or not a parameter "
-            "the graph reads directly); QLoRA and quantized bases are not supported yet")
+            "the graph reads directly); the quantized layers lora_fx adapts are bitsandbytes' Linear4bit and "
+            "Linear8bitLt")
 
 
 def graph_layers(gm: fx.GraphModule, site_nodes: list[fx.Node],

@@ -79,10 +79,13 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
 
 def _calls_of(node: fx.Node, site, resolved_layer) -> list[tuple[fx.Node, fx.Node, fx.Node, object]]:
     """`(anchor, x, base output, layer)` for each place the site's adapter is added: the call
-    itself for a call site; for a parameter site, each call reading it (the factored form, the
-    layer bound to that read) or, for the weight form, the parameter (its users then read
+    itself for a call site; the module's output, fed by its input, for a module-boundary site;
+    for a parameter site, each call reading it (the factored form, the layer bound to that read)
+    or, for the weight form, the parameter (its users then read
     `W + s·B·A`, built just before the first of them). A parameter layer's layout is the
     resolved one (an attached model knows `is_transposed`; a graph only what its reads show)."""
+    if site.module_input is not None:
+        return [(node, site.module_input, node, site.layer)]
     if site.input_index is not None:
         return [(node, node.args[site.input_index], node, site.layer)]
     if site.reads is not None:

@@ -106,6 +106,8 @@ class LoraVariant(Variant):
             # Mixed precision (fp32 adapters on a half base), PEFT's arithmetic exactly: the product
             # scaled after B, added to the base output in the wider dtype, rounded once.
             delta = b.call(aten.mul.Tensor, self.adapter_product(b, layer, x, params), scale)
+            if layer.kind.rounds_delta_first:  # PEFT's quantized layers round the delta, then add
+                return b.call(aten.add.Tensor, site.base_out, b.cast(delta, out_dtype, adapter_dtype))
             out = b.call(aten.add.Tensor, site.base_out, delta)
             return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
         delta = self.adapter_product(b, layer, x, params, scale if scale_early else None)
