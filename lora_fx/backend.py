@@ -32,6 +32,8 @@ from .passes.find_targets import (
     find_targets,
     graph_base_weights,
     graph_layers,
+    is_buffer_source,
+    is_parameter_source,
     normalize_path,
     output_layer_names_of_graph,
     unmatched_layers,
@@ -299,19 +301,16 @@ class LoraBackend:
 
     def _renamed(self, gm: fx.GraphModule, rename: Rename) -> RenamedGraph:
         """A copy of `gm` whose module paths and parameter / buffer names are the attached model's."""
-        gm = copy_graph_module(gm)
+        gm = _with_renamed_stacks(copy_graph_module(gm), rename)
         state_names, kinds = {}, {}
         for node in gm.graph.nodes:
-            stack = node.meta.get("nn_module_stack")
-            if stack and rename != IDENTITY:
-                node.meta["nn_module_stack"] = {k: (rename(normalize_path(path)), cls)
-                                                for k, (path, cls) in stack.items()}
             source = _source_name(node)
-            if source is None or ("_parameters" not in source and "_buffers" not in source):
+            # Parameters and buffers themselves, not tensors reached through them (quant_state.absmax).
+            if source is None or not (is_parameter_source(source) or is_buffer_source(source)):
                 continue
             fqn = rename(normalize_path(source))
             state_names[node.name] = fqn
-            if "_parameters" in source:
+            if is_parameter_source(source):
                 kinds[node.name] = ("parameter", fqn)
             else:  # persistence is read from the attached model; without one a buffer counts as persistent
                 owner, _, leaf = fqn.rpartition(".")
@@ -349,15 +348,15 @@ class LoraBackend:
                 feeds.append(tensor)
             return cache[owner, key]
 
+        # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
+        needs_grad = torch.is_grad_enabled() or not self.inference_form
         if with_adapters:
-            # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
-            needs_grad = torch.is_grad_enabled() or not self.inference_form
             inject_adapters(work, site_nodes, self.adapters, provide, training=training,
                             user_inputs=user_input_names(placeholders), needs_grad=needs_grad)
-            if needs_grad:
-                differentiate_base_ops(work)
         substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
                                  provide)
+        if with_adapters and needs_grad:  # after both: the trained inputs are the INPUT-marked ones
+            differentiate_base_ops(work)
         # A fresh plain GraphModule: compile_fx must not look for Dynamo sources of new inputs.
         work = fx.GraphModule(work, graph)
         # The new inputs' example values are the static-shaped fakes already on their placeholders:
@@ -435,6 +434,10 @@ class LoraBackend:
                     raise LoraFxError(f"layer {owner!r}'s weight is read in the compiled graph under the name "
                                       f"{layer!r}, which lora_fx cannot match to the attached model; compile the "
                                       "model itself")
+        for layer in unmatched_layers(gm, site_nodes, named.state_names):
+            if layer.name in self.adapters.entries:
+                raise UnsupportedFeatureError(f"layer {layer.name!r} has an adapter, but lora_fx cannot adapt its call "
+                                              f"in the compiled graph: {layer.unsupported}")
         # A quantized layer is found by its module call; one whose weight this graph reads with no
         # whole call of it here (a graph break inside its forward) would silently lose its adapter.
         sited = {node.meta[SITE_KEY].layer.name for node in site_nodes}
@@ -445,10 +448,6 @@ class LoraBackend:
                     f"layer {name!r} has an adapter, but its forward does not run whole in this compiled graph (it "
                     "reads the layer's weight without the layer's call: a graph break inside its forward?), so "
                     "lora_fx cannot tell its output")
-        for layer in unmatched_layers(gm, site_nodes, named.state_names):
-            if layer.name in self.adapters.entries:
-                raise UnsupportedFeatureError(f"layer {layer.name!r} has an adapter, but lora_fx cannot adapt its call "
-                                              f"in the compiled graph: {layer.unsupported}")
         for node in site_nodes:
             layer = node.meta[SITE_KEY].layer
             entry = self.adapters.entries.get(layer.name)
@@ -498,6 +497,22 @@ class RenamedGraph:
     gm: fx.GraphModule
     state_names: dict[str, str]
     state_kind: Callable[[fx.Node], tuple[str, str] | None]
+
+
+def _with_renamed_stacks(gm: fx.GraphModule, rename: Rename) -> fx.GraphModule:
+    """`gm` (a copy) with the module paths of its `nn_module_stack`s translated by `rename`, in the
+    bodies of its higher-order ops too (activation checkpointing, torch.cond: a layer called there
+    must be recognised by its own name, to be refused rather than silently left out). A body is
+    copied before it is renamed: the copy shares its submodules with Dynamo's graph."""
+    if rename == IDENTITY:
+        return gm
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (rename(normalize_path(path)), cls) for k, (path, cls) in stack.items()}
+        if node.op == "get_attr" and isinstance(body := getattr(gm, node.target, None), fx.GraphModule):
+            setattr(gm, node.target, _with_renamed_stacks(copy_graph_module(body), rename))
+    return gm
 
 
 def _common_suffix(a: str, b: str) -> int:

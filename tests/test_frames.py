@@ -159,3 +159,16 @@ def test_unattached_backend_refuses_a_targeted_layer_the_directory_has_no_tensor
     lora = lora_fx.backend(path, inner="aot_eager")
     with raised_while_compiling(lora_fx.LoraFxError, r"layer 'outer.0'.*no tensors under that name"):
         torch.compile(lambda x: outer.outer(x), backend=lora)(torch.randn(2, 8))
+
+
+def test_a_layer_in_a_checkpointed_body_of_a_renamed_frame_is_refused_not_skipped():
+    # transformers' gradient checkpointing: the decoder layers run inside activation-checkpoint
+    # bodies, and the compiled frame is the inner model (names relative to it, translated by the
+    # attached backend). The body's layers must be recognised under the model's names.
+    model = tiny_llama().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=["q_proj"]), inner="aot_eager")
+    lora.parameters(model)
+    with raised_while_compiling(lora_fx.UnsupportedFeatureError,
+                                r"'model.layers.0.self_attn.q_proj'.*inside the subgraph of a higher-order op"):
+        torch.compile(model, backend=lora)(token_input())

@@ -230,6 +230,41 @@ def test_qlora_inference_on_cpu_repacked_weights_matches_peft(llama_dir, tmp_pat
             torch.compile(model.train(), backend=lora, fullgraph=True)(x)
 
 
+class Chain(torch.nn.Module):
+    """4-bit layers back to back (one's output is the next one's input, no op between), and one
+    of them called twice in a loop: each call's adapter must read the adapted input."""
+
+    def __init__(self):
+        import bitsandbytes as bnb
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = bnb.nn.Linear4bit(64, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+        self.b = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="fp4").to("cpu")
+        for layer in (self.a, self.b):
+            layer.support_avx512bf16_for_cpu = False
+        self.is_loaded_in_4bit = True  # how PEFT knows to wrap bitsandbytes layers with its own
+
+    def forward(self, x):
+        for _ in range(2):
+            x = self.a(x)
+        return self.b(x)
+
+
+def test_quantized_layers_back_to_back_and_in_a_loop_match_peft(tmp_path):
+    peft_model, path = peft_on(Chain(), tmp_path, r=4, lora_alpha=8, target_modules=["a", "b"])
+    peft_model.train()
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
+    expected = forward_backward(peft_model, x)
+    model = Chain()
+    lora = lora_fx.backend(path, inner="aot_eager")
+    lora.parameters(model)
+    params = dict(lora.named_parameters())
+    out = forward_backward(torch.compile(model.train(), backend=lora, fullgraph=True), x)
+    assert_close(out, expected, "output")
+    check_grads(params, peft_adapter_grads(peft_model), "chain")
+
+
 # -- what lora_fx refuses, by name ---------------------------------------------------------------
 
 def test_merging_into_a_quantized_base_is_refused_with_the_reason(llama_dir, tmp_path):
@@ -292,5 +327,40 @@ def test_a_quantized_layer_split_by_a_graph_break_is_refused_not_skipped(llama_d
     lora.parameters(model)
     with raised_while_compiling(lora_fx.UnsupportedFeatureError,
                                 r"'model.layers.0.self_attn.q_proj' has an adapter.*does not run whole"):
+        with torch.no_grad():
+            torch.compile(model, backend=lora)(ids())
+
+
+def test_a_checkpointed_quantized_layer_is_refused_not_skipped(llama_dir):
+    # transformers' gradient checkpointing (what PEFT's prepare_model_for_kbit_training turns on)
+    # runs each decoder layer inside a higher-order op's subgraph.
+    model = load(llama_dir, "nf4-fp32").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=["q_proj"]), inner="aot_eager")
+    lora.parameters(model)
+    with raised_while_compiling(lora_fx.UnsupportedFeatureError,
+                                r"'model.layers.0.self_attn.q_proj'.*inside the subgraph of a higher-order op"):
+        torch.compile(model, backend=lora)(ids())
+
+
+def test_int8_inference_kernels_are_refused_where_gradients_would_flow_through_them(llama_dir):
+    # bitsandbytes' CPU eval path (its CUDA path, training included) quantizes the input and runs an
+    # int8 matmul, which Dynamo inlines without a gradient.
+    model = load(llama_dir, "int8").eval()
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules="all-linear"), inner="aot_eager")
+    lora.parameters(model)
+    with raised_while_compiling(lora_fx.UnsupportedFeatureError,
+                                r"layer 'model.layers.0.self_attn.o_proj': bitsandbytes' 8-bit inference kernels"):
+        torch.compile(model, backend=lora, fullgraph=True)(ids())
+    with torch.no_grad():  # inference: nothing flows back through them
+        out = torch.compile(model, backend=lora, fullgraph=True)(ids()).logits
+    assert torch.isfinite(out).all()
+
+
+def test_quantization_statistics_are_not_parameter_targets(llama_dir):
+    model = load(llama_dir, "nf4-fp32")
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=[], target_parameters=["quant_state.absmax"]),
+                           inner="aot_eager")
+    with raised_while_compiling(lora_fx.TargetNotFoundError, r"'quant_state.absmax' matches no parameter"):
         with torch.no_grad():
             torch.compile(model, backend=lora)(ids())

@@ -151,9 +151,9 @@ _GEMM_4BIT_SCHEMA = ("(Tensor A, Tensor B, int[] shapeB, Tensor absmax, int bloc
 
 def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
                absmax_offset=None):
-    return torch.ops.bitsandbytes.gemm_4bit.default(A, B, shapeB, absmax, blocksize, quant_type, bias=bias,
-                                                    absmax_8bit=absmax_8bit, absmax_code=absmax_code,
-                                                    absmax_offset=absmax_offset)
+    nested = {} if absmax_8bit is None else dict(absmax_8bit=absmax_8bit, absmax_code=absmax_code,
+                                                 absmax_offset=absmax_offset)
+    return torch.ops.bitsandbytes.gemm_4bit.default(A, B, shapeB, absmax, blocksize, quant_type, bias=bias, **nested)
 
 
 gemm_4bit = torch.library.custom_op("lora_fx::gemm_4bit", _gemm_4bit, mutates_args=(), schema=_GEMM_4BIT_SCHEMA)
@@ -185,7 +185,8 @@ def _gemm_4bit_setup(ctx, inputs, output):
     A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset = inputs
     ctx.save_for_backward(B, absmax, absmax_8bit, absmax_code, absmax_offset)
     ctx.meta = (list(shapeB), blocksize, quant_type)
-    ctx.bias_needs_grad = bias is not None and bias.requires_grad  # a trainable base bias (bias="all")
+    # A trainable base bias (bias="all"); read here, as needs_input_grad may not list defaulted args.
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
 def _gemm_4bit_backward(ctx, grad):

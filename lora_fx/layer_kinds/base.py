@@ -22,7 +22,9 @@ This module also holds the graph readers the kinds share (`ParsedCall`, `untrans
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,15 +63,16 @@ class LayerKind:
     targets_parameter: bool = False  # chosen by `target_parameters` (a raw parameter), not `target_modules`
     # The adapter reads the module's input and is added to the module's output, whatever ops the
     # module computes in between (quantized layers: PEFT wraps the module, and the op is the
-    # library's own). Such kinds `parse` nothing; find_targets reads the module's boundary.
+    # library's own). Such kinds `parse` nothing (they return None); find_targets reads the
+    # module's boundary.
     module_boundary: bool = False
     # PEFT rounds the adapter's output to the base output's dtype before adding it (its bitsandbytes
     # layers), instead of adding in the wider dtype and rounding the sum once (its other layers).
     rounds_delta_first: bool = False
     # Ops of this kind's base that have no autograd formula -> a thunk giving their differentiable
     # twin (same schema and forward); ops that have no twin -> why (passes/differentiate_base_ops.py).
-    gradient_twins: dict = {}
-    gradientless_ops: dict = {}
+    gradient_twins: Mapping[str, Callable[[], Any]] = MappingProxyType({})
+    gradientless_ops: Mapping[str, str] = MappingProxyType({})
 
     def __repr__(self) -> str:
         return self.name
@@ -79,8 +82,6 @@ class LayerKind:
     # -- reading -----------------------------------------------------------------------------
     def parse(self, node: fx.Node) -> ParsedCall | None:
         """The call of this kind `node` is, else None."""
-        if self.module_boundary:
-            return None
         raise NotImplementedError
 
     def dims_of_weight(self, weight: torch.Tensor, extras: dict) -> dict:

@@ -15,6 +15,8 @@ integer weights). Merging into a quantized weight is refused (see `merge_blocker
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from .base import LayerKind
@@ -36,6 +38,9 @@ class QuantizedLinearKind(LayerKind):
     module_boundary = True
     rounds_delta_first = True
     bits = ""
+
+    def parse(self, node):
+        return None  # never an op site: found by its module call (find_targets.boundary_sites)
 
     def describe_module(self, module):
         return dict(in_features=module.in_features, out_features=module.out_features,
@@ -66,11 +71,11 @@ class Linear4bitKind(QuantizedLinearKind):
     bits = "bitsandbytes 4-bit"
     # bitsandbytes calls its bare 4-bit op when the input does not require grad, as it never does
     # while Dynamo traces the frozen base; the twin adds the input's gradient.
-    gradient_twins = {"bitsandbytes::gemm_4bit": _gemm_4bit_twin}
-    gradientless_ops = {"bitsandbytes::gemv_4bit": (
+    gradient_twins = MappingProxyType({"bitsandbytes::gemm_4bit": _gemm_4bit_twin})
+    gradientless_ops = MappingProxyType({"bitsandbytes::gemv_4bit": (
         "bitsandbytes repacked its 4-bit weight for CPU inference (on the first eval call whose input needs no "
         "gradient, on AVX512-BF16 CPUs), and the packed matmul has no gradient: the adapters before it would get a "
-        "wrong one. Run inference under torch.no_grad(); to train, load the model again (the repacking is one-way)")}
+        "wrong one. Run inference under torch.no_grad(); to train, load the model again (the repacking is one-way)")})
 
     def describe_module(self, module):
         info = super().describe_module(module)
@@ -82,7 +87,19 @@ class Linear4bitKind(QuantizedLinearKind):
         return info
 
 
+_INT8_NO_GRADIENT = (
+    "bitsandbytes' 8-bit inference kernels (MatMul8bitLt: int8 quantization of the input, int8 matmul) were traced "
+    "without a gradient, as they are whenever the frozen base runs them: the adapters before this layer would get "
+    "a wrong one. lora_fx trains through 8-bit layers only on bitsandbytes' CPU training path (model.train() on "
+    "the CPU); run inference under torch.no_grad(), or train on a 4-bit base")
+
+
 class Linear8bitKind(QuantizedLinearKind):
     name = "linear8bit"
     module_classes = ("bitsandbytes.nn.modules.Linear8bitLt",)
     bits = "bitsandbytes 8-bit"
+    # bitsandbytes' CUDA path (training included) and its CPU eval path quantize the input and run
+    # an int8 matmul, with no autograd formula once Dynamo inlines them; no twin yet, so refused.
+    gradientless_ops = MappingProxyType({op: _INT8_NO_GRADIENT for op in (
+        "bitsandbytes::int8_vectorwise_quant", "bitsandbytes::int8_double_quant", "bitsandbytes::int8_scaled_mm",
+        "bitsandbytes::int8_mixed_scaled_mm", "bitsandbytes::int8_linear_matmul")})

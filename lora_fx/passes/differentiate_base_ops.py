@@ -26,7 +26,7 @@ import torch.fx as fx
 from ..errors import UnsupportedFeatureError
 from ..layer_kinds import all_kinds
 from ..marks import INPUT, has_mark
-from .find_targets import _module_stack_entry
+from .find_targets import module_stack_entry
 
 
 def differentiate_base_ops(gm: fx.GraphModule) -> int:
@@ -46,7 +46,7 @@ def differentiate_base_ops(gm: fx.GraphModule) -> int:
             continue
         name = node.target.name()  # "ns::op" for the default overload, "ns::op.out" for another
         if name in refusals and node.args and node.args[0] in after_adapter:
-            entry = _module_stack_entry(node)
+            entry = module_stack_entry(node)
             layer = entry[0] if entry is not None else node.name
             raise UnsupportedFeatureError(f"layer {layer!r}: {refusals[name]}")
         twin = twins.get(name)

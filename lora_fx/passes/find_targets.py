@@ -107,7 +107,8 @@ def normalize_path(path: str) -> str:
     return path.lstrip(".")
 
 
-def _module_stack_entry(node: fx.Node):
+def module_stack_entry(node: fx.Node):
+    """(module path, class) of the innermost module call `node` runs in, or None."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
@@ -154,7 +155,7 @@ def _site_of_call(gm: fx.GraphModule, node: fx.Node, state_names: dict[str, str]
     w = _weight_tensor(gm, weight)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
-    entry = _module_stack_entry(node)
+    entry = module_stack_entry(node)
     unresolved = False
     if entry is not None:
         name, cls = entry
@@ -316,14 +317,12 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None,
     found = []
     boundaries = boundary_sites(scopes, state_names)
     for node in gm.graph.nodes:
-        site = boundaries.get(node)
         if has_mark(node, ADAPTER):  # an adapter's own linear (of a transformed graph) is no site
             continue
-        if site is not None:
-            pass
-        elif node.op in ("call_function", "call_method"):
+        site = boundaries.get(node)
+        if site is None and node.op in ("call_function", "call_method"):
             site = _site_of_call(gm, node, state_names, scopes)
-        elif node.op == "call_module":
+        elif site is None and node.op == "call_module":
             site = _site_of_module_call(gm, node)
         if isinstance(site, LayerInfo):
             node.meta[REFUSED_KEY] = site
@@ -333,13 +332,14 @@ def find_targets(gm: fx.GraphModule, state_names: dict[str, str] | None = None,
     return parameter_sites(gm, state_names, parameters) + found
 
 
-def boundary_sites(scopes: dict[str, list[fx.Node]], state_names: dict[str, str]) -> dict[fx.Node, object]:
+def boundary_sites(scopes: dict[str, list[fx.Node]],
+                   state_names: dict[str, str]) -> dict[fx.Node, TargetSite | LayerInfo]:
     """The sites of module-boundary kinds (quantized layers), keyed by the module call's output node:
     a `TargetSite` whose `module_input` is the one activation entering the call, or a refusal
     (`LayerInfo` with `unsupported`) when the call has no single input and output in this graph."""
-    out: dict[fx.Node, object] = {}
+    out: dict[fx.Node, TargetSite | LayerInfo] = {}
     for nodes in scopes.values():
-        entry = _module_stack_entry(nodes[-1])
+        entry = module_stack_entry(nodes[-1])
         kind = kind_of_class(entry[1]) if entry is not None else None
         if kind is None or not kind.module_boundary:
             continue
@@ -366,7 +366,7 @@ def boundary_sites(scopes: dict[str, list[fx.Node]], state_names: dict[str, str]
                     f"{len(outputs)} outputs: a graph break inside its forward?)"))
             continue
         if not any(_state_name(a, state_names) == f"{name}.weight" for a in state):
-            # The module's weight is read elsewhere: a graph break inside its forward split it.
+            # Not a whole call of the layer: its output here would not be the layer's output.
             out[outputs[0]] = replace(layer, unsupported=(
                 "its forward does not run whole in this graph (it does not read its weight here: a graph break inside "
                 "its forward?), so lora_fx cannot tell its output"))
@@ -421,7 +421,7 @@ def _is_parameter(gm: fx.GraphModule, node: fx.Node, name: str, parameters: set[
         return isinstance(attr_at(gm, node.target), torch.nn.Parameter)
     source = getattr(node.meta.get("grapharg"), "source", None)
     if source is not None:
-        return "_parameters" in source.name
+        return is_parameter_source(source.name)
     return parameters is None or name in parameters
 
 
@@ -444,6 +444,21 @@ def _parameter_reads(param: fx.Node, value: torch.Tensor) -> list[tuple] | None:
         else:
             return None
     return reads
+
+
+_PARAMETER_SOURCE = re.compile(r"\._parameters\[['\"][^'\"]+['\"]\]$")
+_BUFFER_SOURCE = re.compile(r"\._buffers\[['\"][^'\"]+['\"]\]$")
+
+
+def is_parameter_source(source: str) -> bool:
+    """Whether a Dynamo source names a parameter itself (`..._parameters['weight']`), not a tensor
+    reached through one (a quantized weight's `quant_state.absmax`)."""
+    return _PARAMETER_SOURCE.search(source) is not None
+
+
+def is_buffer_source(source: str) -> bool:
+    """Whether a Dynamo source names a buffer itself (`..._buffers['inv_freq']`)."""
+    return _BUFFER_SOURCE.search(source) is not None
 
 
 def signature_state_names(sig) -> dict[str, str]:
@@ -500,7 +515,7 @@ def unmatched_layers(gm: fx.GraphModule, site_nodes: list[fx.Node],
         if refused is not None and refused.name not in found:
             out.setdefault(refused.name, refused)
     for node in gm.graph.nodes:
-        entry = _module_stack_entry(node) if node.op == "call_function" else None
+        entry = module_stack_entry(node) if node.op == "call_function" else None
         if entry is None or entry[0] in found or entry[0] in out:
             continue
         name, cls = entry
@@ -536,10 +551,16 @@ def _subgraph_layers(gm: fx.GraphModule, name_of: Callable[[fx.Node], str | None
 
             out += _subgraph_layers(body, inner_name)
             for node in body.graph.nodes:
+                entry = module_stack_entry(node) if node.op in ("call_function", "call_method") else None
+                kind = kind_of_class(entry[1]) if entry is not None else None
+                if kind is not None and kind.module_boundary:  # found by its module call, not by an op
+                    out.append(LayerInfo(name=entry[0], kind=kind, in_features=0, out_features=0,
+                                         unsupported=_in_subgraph(call)))
+                    continue
                 parsed = parse_call(node) if node.op in ("call_function", "call_method") else None
                 if parsed is None or not isinstance(parsed.weight, fx.Node):
                     continue
-                entry = _module_stack_entry(node)
+                entry = module_stack_entry(node)
                 if entry is not None and kind_of_class(entry[1]) == parsed.kind:
                     name = entry[0]
                 else:
@@ -547,10 +568,14 @@ def _subgraph_layers(gm: fx.GraphModule, name_of: Callable[[fx.Node], str | None
                     if weight_name is None or not weight_name.endswith(".weight"):
                         continue
                     name = weight_name[: -len(".weight")]
-                out.append(LayerInfo(name=name, kind=parsed.kind, in_features=0, out_features=0, unsupported=(
-                    f"it is called inside the subgraph of a higher-order op ({call.target}: activation "
-                    "checkpointing, torch.cond, while_loop, scan), and lora_fx does not adapt layers there yet")))
+                out.append(LayerInfo(name=name, kind=parsed.kind, in_features=0, out_features=0,
+                                     unsupported=_in_subgraph(call)))
     return out
+
+
+def _in_subgraph(call: fx.Node) -> str:
+    return (f"it is called inside the subgraph of a higher-order op ({call.target}: activation checkpointing, "
+            "torch.cond, while_loop, scan), and lora_fx does not adapt layers there yet")
 
 
 def _flat_nodes(value) -> list[fx.Node]:

@@ -44,6 +44,9 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
     recorded = config_mark(adapters.cfg.to_peft_dict(), training)
     call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode)
     storage = adapters.storage_names()
+    # base output -> the node now standing for it. A module-boundary site's input was recorded
+    # when targets were found; if it is an earlier site's output, its adapter reads the new one.
+    replaced: dict[fx.Node, fx.Node] = {}
     done = 0
     for node in site_nodes:
         site = node.meta[SITE_KEY]
@@ -55,7 +58,7 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
         scale = provide(owner, SCALING_KEY, entry.scaling)
         for key, provided in [*params.items(), (SCALING_KEY, scale)]:
             set_mark(provided, INPUT, [entry.name, key])
-        for anchor, x, base_out, layer in _calls_of(node, site, entry.resolved.layer):
+        for anchor, x, base_out, layer in _calls_of(node, site, entry.resolved.layer, replaced):
             builder = GraphBuilder(gm.graph, anchor, fake_mode)
             call_values.site, call_values.layer = anchor, site.layer.name
             weight, bias = _weight_and_bias(gm, base_out, entry.variant.needs_base_weight)
@@ -69,6 +72,7 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
             set_mark(new_out, CONFIG, recorded)  # the program's adapters are read back from it
             set_mark(base_out, BASE, site.layer.name)
             base_out.replace_all_uses_with(new_out, delete_user_cb=lambda user, mine=created: user not in mine)
+            replaced[base_out] = new_out
         done += 1
     for n, layer in call_values.created:  # values derived from the call's inputs belong to the adapters
         set_mark(n, ADAPTER, layer)
@@ -77,7 +81,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
     return done
 
 
-def _calls_of(node: fx.Node, site, resolved_layer) -> list[tuple[fx.Node, fx.Node, fx.Node, object]]:
+def _calls_of(node: fx.Node, site, resolved_layer,
+              replaced: dict[fx.Node, fx.Node]) -> list[tuple[fx.Node, fx.Node, fx.Node, object]]:
     """`(anchor, x, base output, layer)` for each place the site's adapter is added: the call
     itself for a call site; the module's output, fed by its input, for a module-boundary site;
     for a parameter site, each call reading it (the factored form, the layer bound to that read)
@@ -85,7 +90,7 @@ def _calls_of(node: fx.Node, site, resolved_layer) -> list[tuple[fx.Node, fx.Nod
     `W + s·B·A`, built just before the first of them). A parameter layer's layout is the
     resolved one (an attached model knows `is_transposed`; a graph only what its reads show)."""
     if site.module_input is not None:
-        return [(node, site.module_input, node, site.layer)]
+        return [(node, replaced.get(site.module_input, site.module_input), node, site.layer)]
     if site.input_index is not None:
         return [(node, node.args[site.input_index], node, site.layer)]
     if site.reads is not None:
