@@ -56,3 +56,17 @@ def test_smoke_table(tmp_path):
 
     scaling = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)
     assert [(int(n), int(s)) for n, s in scaling] == [(1, 7), (2, 14)]
+
+
+def test_qlora_bench_runs(capsys):
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    from bench.qlora import main as qlora_main
+
+    qlora_main(["--hidden", "64", "--seq", "8", "--reps", "1", "--warmup", "0", "--compiler", "aot_eager"])
+    lines = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) >= {"base 4-bit (compiled)", "PEFT eager", "PEFT compiled", "lora_fx backend"}
+    ours = lines["lora_fx backend"]
+    assert ours[-2:] == ["2", "0"]  # one graph per mode (eval forward, training step), no graph break
+    assert float(ours[2]) > 0 and float(ours[4]) > 0
