@@ -326,6 +326,22 @@ def transform_scaling(layer_counts, r: int) -> list[tuple[int, float, float, int
     return out
 
 
+def scaling_only(layer_counts, r: int, rounds: int) -> str:
+    """The transform() scaling table alone, each size measured `rounds` times (interleaved; medians)."""
+    runs = transform_scaling(list(layer_counts) * rounds, r)
+    lines = [f"transform() on 7B-shaped Llamas (meta device), r={r} all-linear, {rounds} interleaved rounds, "
+             f"medians; torch {torch.__version__}",
+             "| layers | sites | lora_fx.transform s | ms / site |", "|---:|---:|---:|---:|"]
+    for n in layer_counts:
+        times = [t for layers, _, t, _ in runs if layers == n]
+        sites = next(s for layers, _, _, s in runs if layers == n)
+        t = statistics.median(times)
+        lines.append(f"| {n} | {sites} | {t:.3f} | {t / sites * 1e3:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def _ms(xs: list[float]) -> float:
@@ -410,6 +426,8 @@ def parse_args(argv):
     p.add_argument("--ablations", action="store_true", help="add lora_fx rows with its optimisations off")
     p.add_argument("--dora", action="store_true", help="add DoRA rows (PEFT eager/compiled, lora_fx compiled)")
     p.add_argument("--no-scaling", action="store_true", help="skip the transform() scaling table")
+    p.add_argument("--scaling-only", type=int, default=0, metavar="ROUNDS",
+                   help="only the transform() scaling table: ROUNDS interleaved rounds, medians")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     return p.parse_args(argv)
 
@@ -422,6 +440,8 @@ def main(argv=None) -> str:
         shape.reps = args.reps
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.scaling_only:
+        return scaling_only(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r, args.scaling_only)
     compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")
     which = {w.strip() for w in args.rows.split(",") if w.strip()}
     unknown = which - {"base", "peft", "lora_fx"}

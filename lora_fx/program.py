@@ -10,8 +10,10 @@ result is called exactly like the input and its `.parameters()` include the adap
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 from collections.abc import Callable
 
 import torch
@@ -19,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.fx._lazy_graph_module import _make_graph_module
 
 from .adapters import SCALING_KEY, AdapterSet, NamedWeights
 from .call_inputs import user_input_names
@@ -134,11 +137,28 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
     cfg, pending = read_spec(spec)
     if isinstance(program, (ExportedProgram, fx.GraphModule)):
         refuse_lora_fx_graph(program.graph, allow_merged=stack_on_merged)
-    if isinstance(program, ExportedProgram):
-        return _transform_program(program, cfg, pending, train, adapter_dtype)
-    if isinstance(program, fx.GraphModule):
-        return _transform_graph_module(program, cfg, pending, train, adapter_dtype)
+    with _gc_paused():
+        if isinstance(program, ExportedProgram):
+            return _transform_program(program, cfg, pending, train, adapter_dtype)
+        if isinstance(program, fx.GraphModule):
+            return _transform_graph_module(program, cfg, pending, train, adapter_dtype)
     raise LoraFxError(f"transform takes an ExportedProgram or a torch.fx.GraphModule, got {type(program).__name__}")
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector paused while a transform runs. A transform allocates
+    many small objects (nodes, metadata, fake tensors) that live until it returns; collections
+    triggered meanwhile rescan the whole heap, so their cost grew with the program (measured on a
+    7B-shaped program: 32 layers 1.24 s, 5.5 ms per site, against 4.3 ms per site for 8-16 layers;
+    paused: 0.95 s, 4.3 ms per site). Garbage made meanwhile is collected afterwards as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def refuse_lora_fx_graph(graph: fx.Graph, *, allow_merged: bool = False) -> None:
@@ -169,7 +189,9 @@ def _copy_program_graph(ep: ExportedProgram) -> tuple[fx.GraphModule, ExportGrap
     graph = fx.Graph()
     copied: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(ep.graph, copied))  # the caller's program stays as it was
-    gm = fx.GraphModule(ep.graph_module, graph)
+    # A working copy: never run, and the ExportedProgram built from it generates its own code, so
+    # its Python code is generated lazily (on first use), not here.
+    gm = _make_graph_module(ep.graph_module, graph)
     # Copying may rename nodes (FX avoids builtins such as `input`): carry the signature over.
     renamed = {old.name: new.name for old, new in copied.items()}
     return gm, _renamed_signature(ep.graph_signature, renamed)
@@ -202,6 +224,8 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     param_names = set(sig.inputs_to_parameters)
     after_params = next((n for n in placeholders if n.name not in param_names), None)
+    # New inputs go before it and never become it: found once, not per provided tensor.
+    first_user_input = _first_user_input(graph, sig)
     new_specs: dict[str, InputSpec] = {}
     state = {}
     cache: dict[tuple[str, str], fx.Node] = {}
@@ -212,7 +236,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         is_scale = key == SCALING_KEY
         target = f"{owner}.{key}"
         # Parameters precede buffers and user inputs; buffers precede user inputs.
-        before = after_params if not is_scale else _first_user_input(graph, sig)
+        before = after_params if not is_scale else first_user_input
         prefix = "b_" if is_scale else "p_"
         if before is None:
             with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
@@ -229,7 +253,9 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
         return node
 
     user_inputs = user_input_names(placeholders, set(sig.user_inputs))
-    inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs, needs_grad=train)
+    # No code generated here: the ExportedProgram built below generates its own.
+    inject_adapters(gm, site_nodes, adapters, provide, training=train, user_inputs=user_inputs, needs_grad=train,
+                    recompile=False)
     substitute_saved_modules(saved_reads, lambda m, n, inp: adapters.saved_copy(m, n, original(inp)), provide)
 
     old_specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}

@@ -70,3 +70,10 @@ def test_qlora_bench_runs(capsys):
     ours = lines["lora_fx backend"]
     assert ours[-2:] == ["2", "0"]  # one graph per mode (eval forward, training step), no graph break
     assert float(ours[2]) > 0 and float(ours[4]) > 0
+
+
+def test_scaling_only_table():
+    table = main(["--smoke", "--scaling-only", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1:3] for r in rows] == [[" 1 ", " 7 "], [" 2 ", " 14 "]]  # layers, sites
+    assert all(float(r.split("|")[3]) > 0 for r in rows)

@@ -38,8 +38,9 @@ Provide = Callable[[str, str, torch.Tensor], fx.Node]
 
 def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
                     *, training: bool = False, user_inputs: dict[str, fx.Node] | None = None,
-                    needs_grad: bool = True) -> int:
-    """Rewrite `gm` in place; return the number of sites adapted."""
+                    needs_grad: bool = True, recompile: bool = True) -> int:
+    """Rewrite `gm` in place; return the number of sites adapted. `recompile=False` leaves `gm`'s
+    code stale, for a caller that builds a new module over the graph anyway (an ExportedProgram)."""
     fake_mode = graph_fake_mode(gm.graph)
     recorded = config_mark(adapters.cfg.to_peft_dict(), training)
     call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode)
@@ -77,7 +78,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
     for n, layer in call_values.created:  # values derived from the call's inputs belong to the adapters
         set_mark(n, ADAPTER, layer)
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return done
 
 
