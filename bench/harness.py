@@ -104,6 +104,49 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def lm_training_row(name: str, model, call, trainable, ids, *, switch_modes: bool = False) -> Row:
+    """A compiled-mode row of a causal LM: forward under no_grad; step = loss on the logits,
+    backward, SGD over `trainable` (or, for a frozen base, just clearing the grads backward
+    made). `switch_modes`: the forward runs in eval mode and the step in train mode."""
+    opt = torch.optim.SGD(trainable, lr=1e-4) if trainable else None
+
+    def forward():
+        if switch_modes:
+            model.eval()
+        with torch.no_grad():
+            return call(ids)
+
+    def step():
+        if switch_modes:
+            model.train()
+        loss = call(ids).logits.float().pow(2).mean()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+    return Row(name, "compiled", forward, step)
+
+
+def measure_interleaved(rows: list[Row], warmup: int, reps: int, device: str) -> None:
+    """Warm every row up (counting its graph breaks and compiled graphs), then time forward and
+    step of all rows in turn, `reps` times: each row's medians come from the same stretch of time."""
+    for row in rows:
+        before = graph_breaks()
+        for _ in range(1 + warmup):
+            row.forward()
+            row.step()
+        synchronize(device)
+        row.breaks = graph_breaks() - before
+        counter = row.counter
+        row.graphs = getattr(counter, "graphs", getattr(counter, "graphs_compiled", None)) if counter else None
+    for _ in range(reps):
+        for row in rows:
+            row.fwd_times.append(timed(row.forward, device))
+            row.step_times.append(timed(row.step, device))
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import torch
 
-from .harness import CountingBackend, Row, graph_breaks, timed
+from .harness import CountingBackend, Row, lm_training_row, measure_interleaved
 
 
 def qwen3_moe(args, experts_implementation: str):
@@ -45,21 +46,7 @@ def make_rows(args) -> list[Row]:
     rows = []
 
     def row(name, model, call, trainable):
-        opt = torch.optim.SGD(trainable, lr=1e-4) if trainable else None
-
-        def forward():
-            with torch.no_grad():
-                return call(ids)
-
-        def step():
-            loss = call(ids).logits.float().pow(2).mean()
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
-        return Row(name, "compiled", forward, step)
+        return lm_training_row(name, model, call, trainable, ids)
 
     for impl in ("grouped_mm", "batched_mm"):
         base = qwen3_moe(args, impl)
@@ -112,34 +99,19 @@ def main(argv=None):
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     rows = make_rows(args)
-    for row in rows:
-        before = graph_breaks()
-        for _ in range(1 + args.warmup):
-            row.forward()
-            row.step()
-        row.breaks = graph_breaks() - before
-        counter = row.counter
-        row.graphs = getattr(counter, "graphs", getattr(counter, "graphs_compiled", None))
-    for _ in range(args.reps):
-        for row in rows:
-            row.fwd_times.append(timed(row.forward, "cpu"))
-            row.step_times.append(timed(row.step, "cpu"))
+    measure_interleaved(rows, args.warmup, args.reps, "cpu")
     print(f"Qwen3-MoE h{args.hidden} E{args.experts} moe_inter{args.moe_inter} L{args.layers}, "
           f"batch {args.batch} x seq {args.seq}, r{args.r} on gate_up_proj + down_proj, {args.compiler}, "
           f"torch {torch.__version__}, {args.reps} interleaved reps (medians)")
     print(f"{'row':64s} {'fwd ms':>8s} {'x base':>7s} {'step ms':>8s} {'x base':>7s} {'breaks':>6s}")
     base = {}
     for row in rows:
-        fwd, step = _median(row.fwd_times), _median(row.step_times)
+        fwd, step = statistics.median(row.fwd_times), statistics.median(row.step_times)
         impl = row.name.split("]")[0]
         base.setdefault(impl, (fwd, step))
         print(f"{row.name:64s} {fwd * 1e3:8.2f} {fwd / base[impl][0]:7.3f} {step * 1e3:8.2f} "
               f"{step / base[impl][1]:7.3f} {row.breaks if row.breaks is not None else '':>6}")
 
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 if __name__ == "__main__":

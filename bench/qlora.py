@@ -14,11 +14,12 @@ would happen on the first no-grad call and cannot run under torch.compile (the b
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 
 import torch
 
-from .harness import CountingBackend, Row, graph_breaks, synchronize, timed
+from .harness import CountingBackend, Row, lm_training_row, measure_interleaved
 
 
 def quantized_llama(path: str, args):
@@ -48,23 +49,7 @@ def make_rows(args) -> list[Row]:
     target = dict(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear")
 
     def row(name, model, call, trainable):
-        opt = torch.optim.SGD(trainable, lr=1e-4) if trainable else None
-
-        def forward():
-            model.eval()
-            with torch.no_grad():
-                return call(ids)
-
-        def step():
-            model.train()
-            loss = call(ids).logits.float().pow(2).mean()
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
-        return Row(name, "compiled", forward, step)
+        return lm_training_row(name, model, call, trainable, ids, switch_modes=True)
 
     rows = []
     base = quantized_llama(path, args)
@@ -107,35 +92,19 @@ def main(argv=None):
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     rows = make_rows(args)
-    for row in rows:
-        before = graph_breaks()
-        for _ in range(1 + args.warmup):
-            row.forward()
-            row.step()
-        synchronize(args.device)
-        row.breaks = graph_breaks() - before
-        counter = row.counter
-        row.graphs = getattr(counter, "graphs", getattr(counter, "graphs_compiled", None)) if counter else None
-    for _ in range(args.reps):
-        for row in rows:
-            row.fwd_times.append(timed(row.forward, args.device))
-            row.step_times.append(timed(row.step, args.device))
+    measure_interleaved(rows, args.warmup, args.reps, args.device)
     print(f"Llama h{args.hidden} L{args.layers} in bitsandbytes nf4 ({args.compute_dtype} compute), batch {args.batch} "
           f"x seq {args.seq}, r{args.r} all-linear, {args.compiler} on {args.device}, torch {torch.__version__}, "
           f"{args.reps} interleaved reps (medians)")
     print(f"{'row':28s} {'fwd ms':>8s} {'x base':>7s} {'step ms':>8s} {'x base':>7s} {'graphs':>6s} {'breaks':>6s}")
     fwd0 = step0 = None
     for row in rows:
-        fwd, step = _median(row.fwd_times), _median(row.step_times)
+        fwd, step = statistics.median(row.fwd_times), statistics.median(row.step_times)
         fwd0, step0 = fwd0 or fwd, step0 or step
         graphs = row.graphs if row.graphs is not None else ""
         print(f"{row.name:28s} {fwd * 1e3:8.2f} {fwd / fwd0:7.3f} {step * 1e3:8.2f} {step / step0:7.3f} "
               f"{graphs:>6} {row.breaks if row.breaks is not None else '':>6}")
 
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 if __name__ == "__main__":
