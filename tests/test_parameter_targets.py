@@ -220,3 +220,30 @@ def test_parameter_targets_bad_input(tmp_path):
     with pytest.raises(lora_fx.ConfigError, match=r"q_proj.weight.*target_modules selects its module"):
         lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["q_proj"],
                                                  target_parameters=["self_attn.q_proj.weight"]))
+
+
+@pytest.mark.parametrize("r,padded", [(2, True), (8, False)])
+def test_bf16_experts_with_a_rank_grouped_mm_cannot_take_are_padded(r, padded, tmp_path):
+    # bf16 experts run on aten._grouped_mm (CPU and CUDA), which wants 16-byte aligned strides:
+    # rank-r operands need r a multiple of 8. Other ranks get zero ranks added (same product).
+    base = tiny_qwen3_moe().to(torch.bfloat16)
+    peft_model, path = peft_adapter(base, tmp_path, **{**CONFIGS["experts"], "r": r})
+    x = ids()
+    expected = forward_backward(peft_model, x, lambda o: o.logits.float())
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(copy.deepcopy(gm))
+        return gm
+
+    model = copy.deepcopy(base)
+    lora = lora_fx.backend(path, inner=spy)
+    lora.parameters(model)
+    params = dict(lora.named_parameters())
+    out = forward_backward(torch.compile(model, backend=lora, fullgraph=True), x, lambda o: o.logits.float())
+    pads = sum(1 for n in graphs[0].graph.nodes if has_mark(n, ADAPTER) and target_name(n) == "constant_pad_nd")
+    assert pads == (2 * 4 if padded else 0)  # A and B of each of the 4 expert stacks
+    assert grouped_mm_calls(graphs[0]) == 2 * 2 + 2 * 4
+    # bf16: PEFT builds W + s·B·A in bf16, lora_fx the factored form; the spread is the same at r=8.
+    assert_close(out, expected, "logits", rel=2e-2)
+    check_grads(params, peft_adapter_grads(peft_model), f"bf16 r={r}", rel=5e-2)

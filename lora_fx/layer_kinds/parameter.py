@@ -139,16 +139,34 @@ class GroupedMMRead(ParameterKind):
         return b.call(self.call.target, *args, **self.call.kwargs)
 
     def apply_a(self, b, layer, x, a):
-        a3 = _experts_a(b, layer, a, b.dtype_of(x, layer.weight_dtype))
+        dtype = b.dtype_of(x, layer.weight_dtype)
+        a3 = _experts_a(b, layer, a, dtype)
+        pad = _rank_padding(b, layer, a, 0, dtype)
+        if pad:  # zero rows of A: h gains zero columns, its row stride becomes aligned
+            a3 = b.call(aten.constant_pad_nd.default, a3, [0, 0, 0, pad], 0.0)
         # (E, in, r), laid out so each expert's matrix is column-major as the base's transposed weight.
         return self._same_op(b, x, b.call(aten.transpose.int, a3, -2, -1))
 
     def apply_b(self, b, layer, h, weight_b, bias):
         dtype = b.dtype_of(h, layer.weight_dtype)
         b3 = _experts_b(b, layer, b.cast(weight_b, dtype, b.dtype_of(weight_b, dtype)))
-        b3 = b.call(aten.clone.default, b3, memory_format=torch.contiguous_format)
+        pad = _rank_padding(b, layer, weight_b, 1, dtype)
+        if pad:  # zero columns of B meet h's zero columns: the product is unchanged
+            b3 = b.call(aten.constant_pad_nd.default, b3, [0, pad], 0.0)
+        else:
+            b3 = b.call(aten.clone.default, b3, memory_format=torch.contiguous_format)
         return self._same_op(b, h, b.call(aten.transpose.int, b3, -2, -1))
 
+
+def _rank_padding(b, layer, factor: fx.Node, rank_dim: int, dtype: torch.dtype) -> int:
+    """How many zero ranks to add so that a rank-r operand's rows are 16-byte aligned, as
+    `aten._grouped_mm` requires of both operands' strides (bf16: r a multiple of 8; seen with r=2
+    on a bf16 MoE). `factor` holds r·E along `rank_dim`: A (r·E, in) along 0, B (out, r·E) along 1."""
+    shape = b.shape_of(factor)
+    if shape is None:
+        return 0
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(shape[rank_dim] // layer.num_experts) % align
 
 def is_grouped_mm(node: fx.Node) -> bool:
     return node.op == "call_function" and "grouped_mm" in target_name(node)
