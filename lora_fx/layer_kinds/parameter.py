@@ -165,8 +165,9 @@ def _rank_padding(b, layer, factor: fx.Node, rank_dim: int, dtype: torch.dtype) 
     shape = b.shape_of(factor)
     if shape is None:
         return 0
-    align = 16 // torch.empty((), dtype=dtype).element_size()
+    align = 16 // dtype.itemsize
     return -(shape[rank_dim] // layer.num_experts) % align
+
 
 def is_grouped_mm(node: fx.Node) -> bool:
     return node.op == "call_function" and "grouped_mm" in target_name(node)

@@ -365,13 +365,14 @@ def boundary_sites(scopes: dict[str, list[fx.Node]],
                     f"lora_fx cannot find its call's one input and one output in this graph ({len(inputs)} inputs, "
                     f"{len(outputs)} outputs: a graph break inside its forward?)"))
             continue
-        if not any(_state_name(a, state_names) == f"{name}.weight" for a in state):
+        state_read = {_state_name(a, state_names) for a in state}
+        if f"{name}.weight" not in state_read:
             # Not a whole call of the layer: its output here would not be the layer's output.
             out[outputs[0]] = replace(layer, unsupported=(
                 "its forward does not run whole in this graph (it does not read its weight here: a graph break inside "
                 "its forward?), so lora_fx cannot tell its output"))
             continue
-        has_bias = any(_state_name(a, state_names) == f"{name}.bias" for a in state)
+        has_bias = f"{name}.bias" in state_read
         layer = replace(layer, in_features=x_val.shape[-1], out_features=y_val.shape[-1], has_bias=has_bias,
                         weight_device=str(y_val.device))
         out[outputs[0]] = TargetSite(layer, None, f"{name}.weight", f"{name}.bias" if has_bias else None,
@@ -382,11 +383,11 @@ def boundary_sites(scopes: dict[str, list[fx.Node]],
 def _is_module_state(node: fx.Node, state_names: dict[str, str]) -> bool:
     """Whether `node` is a module's own tensor (parameter, buffer, or an attribute such as a
     quantized weight's statistics), not an activation."""
-    if node.op == "get_attr" or _state_name(node, state_names) is not None:
+    if node.op == "get_attr" or _state_name(node, state_names) is not None:  # parameters, buffers, through them
         return True
     source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
     name = getattr(source, "name", "") if source is not None else ""
-    return name.startswith("L['self']") or any(part in name for part in ("_modules[", "_parameters[", "_buffers["))
+    return name.startswith("L['self']") or "_modules[" in name  # any other attribute of a module
 
 
 def parameter_sites(gm: fx.GraphModule, state_names: dict[str, str],
@@ -560,8 +561,7 @@ def _subgraph_layers(gm: fx.GraphModule, name_of: Callable[[fx.Node], str | None
                 parsed = parse_call(node) if node.op in ("call_function", "call_method") else None
                 if parsed is None or not isinstance(parsed.weight, fx.Node):
                     continue
-                entry = module_stack_entry(node)
-                if entry is not None and kind_of_class(entry[1]) == parsed.kind:
+                if kind is parsed.kind:  # the innermost module is a layer of the op's kind
                     name = entry[0]
                 else:
                     weight_name = inner_name(parsed.weight)

@@ -13,14 +13,30 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def check_against_peft(peft_model, adapter_dir, model, x, what: str) -> None:
+    """`model` through the backend (Inductor, fullgraph) loading `adapter_dir` matches `peft_model`:
+    logits and the gradients of every A and B, at bf16 tolerances (Inductor's fusions round
+    differently from PEFT's eager ops)."""
+    from conftest import check_grads, forward_backward, peft_adapter_grads
+
+    import lora_fx
+
+    expected = forward_backward(peft_model, x, lambda o: o.logits.float())
+    lora = lora_fx.backend(adapter_dir, inner="inductor")
+    lora.parameters(model)
+    params = dict(lora.named_parameters())
+    out = forward_backward(torch.compile(model, backend=lora, fullgraph=True), x, lambda o: o.logits.float())
+    assert lora.graphs_compiled == 1
+    err = (out - expected).abs().max().item()
+    assert err <= 2e-2 * expected.abs().max().item(), f"{what}: logits err {err}"
+    check_grads(params, peft_adapter_grads(peft_model), what, rel=5e-2)
+
+
 @pytest.mark.parametrize("quant", ["nf4-bf16", "fp4-bf16"])
 def test_qlora_backend_matches_peft_on_cuda(quant, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from conftest import check_grads, forward_backward, peft_adapter_grads
     from test_qlora import CFG, QUANT, ids, peft_on
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-    import lora_fx
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -32,35 +48,13 @@ def test_qlora_backend_matches_peft_on_cuda(quant, tmp_path):
                                                 quantization_config=BitsAndBytesConfig(**QUANT[quant])).train()
 
     peft_model, path = peft_on(load(), tmp_path, **CFG)
-    x = ids().cuda()
-    expected = forward_backward(peft_model, x, lambda o: o.logits.float())
-    model = load()
-    lora = lora_fx.backend(path, inner="inductor")
-    lora.parameters(model)
-    params = dict(lora.named_parameters())
-    out = forward_backward(torch.compile(model, backend=lora, fullgraph=True), x, lambda o: o.logits.float())
-    assert lora.graphs_compiled == 1
-    err = (out - expected).abs().max().item()
-    assert err <= 2e-2 * expected.abs().max().item(), f"logits: {err}"  # Inductor's bf16 fusions round differently
-    check_grads(params, peft_adapter_grads(peft_model), quant, rel=5e-2)
+    check_against_peft(peft_model, path, load(), ids().cuda(), quant)
 
 
 def test_moe_experts_factored_form_matches_peft_on_cuda(tmp_path):
-    from conftest import check_grads, forward_backward, peft_adapter, peft_adapter_grads
+    from conftest import peft_adapter
     from test_parameter_targets import CONFIGS, ids, tiny_qwen3_moe
-
-    import lora_fx
 
     base = tiny_qwen3_moe().to("cuda", torch.bfloat16)
     peft_model, path = peft_adapter(base, tmp_path, **CONFIGS["experts"])
-    x = ids().cuda()
-    expected = forward_backward(peft_model, x, lambda o: o.logits.float())
-    model = copy.deepcopy(base)
-    lora = lora_fx.backend(path, inner="inductor")
-    lora.parameters(model)
-    params = dict(lora.named_parameters())
-    out = forward_backward(torch.compile(model, backend=lora, fullgraph=True), x, lambda o: o.logits.float())
-    assert lora.graphs_compiled == 1
-    err = (out - expected).abs().max().item()
-    assert err <= 2e-2 * expected.abs().max().item(), f"logits: {err}"
-    check_grads(params, peft_adapter_grads(peft_model), "moe cuda", rel=5e-2)
+    check_against_peft(peft_model, path, copy.deepcopy(base), ids().cuda(), "moe cuda")
