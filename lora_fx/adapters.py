@@ -21,6 +21,7 @@ from torch import nn
 
 from . import variants
 from .config import ALL_LINEAR, LoraConfig
+from .distributed import copy_value, full_value
 from .errors import AdapterFileError, LoraFxError, UnsupportedFeatureError
 from .layers import LayerInfo
 from .rules import Resolved, resolve_layer
@@ -246,7 +247,8 @@ class AdapterSet:
         return [t for _, t in self.named_parameters()]
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under the keys `PeftModel.save_pretrained` writes.
+        """Tensors under the keys `PeftModel.save_pretrained` writes, whole (sharded ones gathered:
+        every process of their group must call this together).
 
         Raises:
             LoraFxError: an adapter has no values yet (made on the meta device, never materialised).
@@ -258,13 +260,13 @@ class AdapterSet:
                 if t.device.type == "meta":
                     raise LoraFxError(f"layer {name!r}: its adapter is on the meta device and has no values yet "
                                       "(the model had no real weights when it was attached); nothing to save")
-                out[f"{PEFT_PREFIX}{prefixes[name]}.{key}"] = t.detach()
+                out[f"{PEFT_PREFIX}{prefixes[name]}.{key}"] = full_value(t)
         for module, copies in self.saved.items():  # PEFT's key for a module copy: `<module>.<param>`
             for name, t in copies.items():
                 if t.device.type == "meta":
                     raise LoraFxError(f"module {module!r} (modules_to_save) is on the meta device and has no values "
                                       "yet; nothing to save")
-                out[f"{PEFT_PREFIX}{module}.{name}"] = t.detach()
+                out[f"{PEFT_PREFIX}{module}.{name}"] = full_value(t)
         return out
 
     def load(self, cfg: LoraConfig, state: dict[str, torch.Tensor], *, source: str = "adapter",
@@ -371,7 +373,7 @@ class AdapterSet:
                 if t.device.type == "meta":
                     deferred[key] = state[full]  # copied in when the tensor gets storage (`follow`)
                 else:
-                    t.copy_(state[full])
+                    copy_value(t, state[full])
             for full, layer in base_values.items():
                 current = base.get(layer)
                 base.set(layer, state[full].to(dtype=current.dtype, device=current.device))

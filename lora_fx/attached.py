@@ -23,11 +23,13 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
+from .distributed import check_attachable, copy_value, full_value, guard_eager_calls, is_sharded, writes_files
 from .errors import LoraFxError, UnsupportedFeatureError
 from .io import read_adapter_dir, write_adapter_dir
-from .layers import layers_of_module, output_layer_names
+from .layers import layers_of_module, output_layer_names, without_wrappers
 from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
 from .passes.substitute_saved_modules import select_saved_modules
+from .registration import Registration
 from .rules import effective_config, resolve
 
 # model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
@@ -35,18 +37,26 @@ from .rules import effective_config, resolve
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# Attribute names under which torch's wrappers hold the module they wrap: `torch.compile`'s
+# OptimizedModule, DistributedDataParallel, activation checkpointing's CheckpointWrapper.
+_WRAPPED = {OptimizedModule: "_orig_mod", nn.parallel.DistributedDataParallel: "module"}
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model a `torch.compile` wrapper wraps (the model itself otherwise)."""
-    return model._orig_mod if isinstance(model, OptimizedModule) else model
+    """The model a `torch.compile` or DDP wrapper wraps (the model itself otherwise)."""
+    while type(model) in _WRAPPED:
+        model = getattr(model, _WRAPPED[type(model)])
+    return model
 
 
 class AttachedModel:
     """One model with its adapters; see the module docstring. Made by `attach`."""
 
     def __init__(self, model: nn.Module, adapters: AdapterSet, saved_paths: list[str],
-                 requires_grad_before: dict[str, bool]):
+                 requires_grad_before: dict[str, bool], registration: Registration):
         self.model = model
         self.adapters = adapters
+        self.registration = registration  # the adapters as parameters of the model
         self.saved_paths = saved_paths  # modules_to_save of the model
         self._requires_grad_before = requires_grad_before
         self.merged = False
@@ -54,12 +64,14 @@ class AttachedModel:
         # layer -> (what subtraction needs besides the adapter, whether the bias was merged too).
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._undo: dict[str, tuple[Any, bool]] = {}
+        self._hooks: list = []  # guard_eager_calls' hooks (in a process group only)
 
     @classmethod
     def attach(cls, model: nn.Module, owner: object, adapters: AdapterSet, pending: dict | None,
                adapter_dtype: torch.dtype | None) -> AttachedModel:
         """Create `adapters` for `model`'s targeted layers (loading `pending`, a PEFT state dict, if
         given), freeze its base weights, and register `owner` as the model's one backend."""
+        check_attachable(model)
         holder = _ATTACHED.get(model)
         if holder is not None and holder() is not None:
             raise LoraFxError(
@@ -70,7 +82,8 @@ class AttachedModel:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         adapters.cfg = cfg = effective_config(adapters.cfg, layers, output_layers, model_type)
         resolved = resolve(layers, cfg, output_layers)
-        saved_paths = select_saved_modules(cfg.saved_module_names(), [name for name, _ in model.named_modules()])
+        saved_paths = select_saved_modules(cfg.saved_module_names(),
+                                           [without_wrappers(name) for name, _ in model.named_modules()])
         for path in saved_paths:
             module = model.get_submodule(path)
             buffers = sorted(set(module.state_dict()) - {n for n, _ in module.named_parameters()})
@@ -84,15 +97,25 @@ class AttachedModel:
                 adapters.saved_copy(path, name, p)
         if pending is not None:
             adapters.load_peft_state_dict(pending, source="adapter directory", base=ModelWeights(model))
-        before = {name: p.requires_grad for name, p in model.named_parameters()}
-        for name, p in model.named_parameters():
-            p.requires_grad_(_base_trainable(cfg.bias, name, resolved))
+        registration = Registration.register(model, adapters)
+        adapter_ids = registration.held_ids()
+        base = [(name, p) for name, p in model.named_parameters() if id(p) not in adapter_ids]
+        before = {name: p.requires_grad for name, p in base}
+        for name, p in base:
+            p.requires_grad_(_base_trainable(cfg.bias, without_wrappers(name), resolved))
         _ATTACHED[model] = weakref.ref(owner)
-        return cls(model, adapters, saved_paths, before)
+        attached = cls(model, adapters, saved_paths, before, registration)
+        module_layers = {res.layer.module_path for res in resolved.values()}
+        attached._hooks = guard_eager_calls(model, sorted(module_layers), lambda: attached.merged)
+        return attached
 
     def detach(self) -> None:
-        """Give the parameters back the `requires_grad` flags they had before `attach`."""
+        """Take the adapters out of the model and give its parameters back the `requires_grad`
+        flags they had before `attach`."""
         self.refuse_if_merged("detach")
+        self.registration.unregister()
+        for handle in self._hooks:
+            handle.remove()
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad_before.get(name, p.requires_grad))
         _ATTACHED.pop(self.model, None)
@@ -101,10 +124,13 @@ class AttachedModel:
         """The base parameters trained with the adapters (`bias="all"` / `"lora_only"`)."""
         if self.adapters.cfg.bias == "none":
             return []
-        return [p for p in self.model.parameters() if p.requires_grad]
+        adapters = self.registration.held_ids()
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in adapters]
 
     # -- adapter values ----------------------------------------------------------------------
     def save_adapter(self, path: str | os.PathLike) -> None:
+        """Write a PEFT directory. A sharded model's tensors are gathered (every process calls
+        this) and the process of rank 0 writes."""
         self.adapters.check_savable()
         self.follow()
         tensors = self.adapters.peft_state_dict()
@@ -112,8 +138,9 @@ class AttachedModel:
         for layer in self.adapters.base_layers_to_save(self.adapters.entries):
             # While merged the model's weight holds the adapter: save the original.
             weight = self._original_weight(layer) if self.merged else base.get(layer)
-            tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = weight
-        write_adapter_dir(path, self.adapters.config_to_save(), tensors)
+            tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = full_value(weight)
+        if writes_files():
+            write_adapter_dir(path, self.adapters.config_to_save(), tensors)
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         self.refuse_if_merged("load_adapter")
@@ -122,7 +149,9 @@ class AttachedModel:
         self.adapters.load(cfg, tensors, source=os.fspath(path), base=ModelWeights(self.model))
 
     def follow(self) -> None:
-        """Adapters on their base weights' devices (materialised if made on the meta device)."""
+        """The adapters the model holds now (a wrapper such as FSDP2 may have replaced them), on
+        their base weights' devices (materialised if made on the meta device)."""
+        self.registration.sync(self.adapters)
         sources = {(module, name): self.model.get_submodule(module).get_parameter(name)
                    for module, copies in self.adapters.saved.items() for name in copies}
         self.adapters.follow(layer_weights(self.model, self.adapters.entries), sources)
@@ -139,6 +168,12 @@ class AttachedModel:
             raise LoraFxError("the adapters are already merged")
         check_mergeable(self.adapters)
         self.follow()
+        sharded = [name for name, t in self.registration.named_tensors() if is_sharded(t)]
+        if sharded:
+            raise UnsupportedFeatureError(
+                f"cannot merge adapters sharded across processes ({sharded[0]!r} is a DTensor): merging writes whole "
+                "weights. Save the adapter (lora.save_adapter on every rank), load it into an unsharded model, and "
+                "merge there")
         params = _layer_params(self.model, self.adapters.entries)
         _check_untied(self.model, {name: w for name, (w, _) in params.items()})
         merged = {name: merged_layer(self.adapters.entries[name], w, b, safe_merge=safe_merge)
@@ -225,8 +260,7 @@ class ModelWeights:
         return weight if isinstance(weight, torch.Tensor) else None
 
     def set(self, layer: str, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.get(layer).copy_(value)
+        copy_value(self.get(layer), value)
 
     def is_embedding(self, layer: str) -> bool:
         module = self.model.get_submodule(layer)

@@ -18,14 +18,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .adapters import PEFT_PREFIX, AdapterSet, base_weight_keys
 from .attached import AttachedModel, copy_into, layer_weights, submodule_or_none, unwrap
 from .call_inputs import user_input_names
 from .config import LoraConfig
+from .distributed import check_attachable, check_synchronised
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
+from .layers import without_wrappers
 from .passes.differentiate_base_ops import differentiate_base_ops
 from .passes.find_targets import (
     SITE_KEY,
@@ -113,6 +116,7 @@ class LoraBackend:
     def attach(self, model: nn.Module) -> LoraBackend:
         """Create the adapters for `model` now (so an optimizer can hold them before the first
         compiled call), freeze its base weights, and follow its train/eval mode for dropout."""
+        check_attachable(model)
         model = unwrap(model)
         if self._model is model:
             return self
@@ -136,13 +140,33 @@ class LoraBackend:
         to it first."""
         if model is not None:
             self.attach(model)
+        self._follow_model()  # the tensors the model holds now (FSDP2 shards them)
         params = self.adapters.parameters()
         if self._attached is not None:
             params += self._attached.trainable_base_parameters()
         return params
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """`(name, tensor)` for the trainable adapter tensors, named as in PEFT's files without
+        the `base_model.model.` prefix (`layers.0.q_proj.lora_A.weight`)."""
+        self._follow_model()
         return self.adapters.named_parameters()
+
+    def model_state_keys(self) -> list[str]:
+        """The keys of the adapters (and `modules_to_save` copies) in the attached model's
+        `state_dict()`, which holds them as PEFT's model does (`q_proj.lora_A.default.weight`):
+        what a `torch.distributed.checkpoint` of the adapters alone keeps (docs/distributed.md).
+
+        Example:
+            >>> import torch, lora_fx
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"])).attach(model)
+            >>> lora.model_state_keys()
+            ['0.lora_A.default.weight', '0.lora_B.default.weight']
+        """
+        if self._attached is None:
+            raise LoraFxError("the adapters are in the model only once it is attached: call lora.attach(model)")
+        return [name for name, _ in self._attached.registration.named_tensors()]
 
     # -- adapter values ----------------------------------------------------------------------
     def save_adapter(self, path: str | os.PathLike) -> None:
@@ -211,6 +235,7 @@ class LoraBackend:
         # second train/eval build may happen long after this call.
         gm = copy_graph_module(gm)
         self._follow_model()
+        check_synchronised(self._attached.registration.held_ids() if self._attached is not None else None)
         # Names in a Dynamo graph are relative to the frame it compiled: the model itself, a
         # function using it (`G.model...`), or a submodule whose forward resumed after a graph
         # break. With a model attached, the graph's names are translated to the model's by the
@@ -241,6 +266,7 @@ class LoraBackend:
             return (training, dropout) if training else (False, 0.0)
 
         def build(key, inputs, graph=None):
+            self._follow_model()  # the adapters the model holds now
             mode, renamed = key
             graph = graph or self._renamed(gm, renamed)  # each build rewrites a graph of its own
             if mode == "merged":
@@ -256,7 +282,7 @@ class LoraBackend:
             if key not in compiled:
                 compiled[key] = build(key, list(args))
             fn, feeds = compiled[key]
-            return fn(*args, *feeds)
+            return fn(*args, *[where[key] for where, key in feeds])
 
         return run
 
@@ -284,6 +310,8 @@ class LoraBackend:
         if not names:
             self._param_names = None  # the model's parameters may have been replaced: look again
             names = self._parameter_names().get(id(value))
+        if not names and is_fake(value):  # DDP's graph splitting compiles and runs fragments on fakes
+            return self._rename_by_name(graph_name)
         if not names:
             raise LoraFxError(
                 f"the compiled graph received a parameter ({graph_name!r}) that is not one of the attached model's; "
@@ -292,11 +320,25 @@ class LoraBackend:
         self._renames[id(value)] = (weakref.ref(value), graph_name, rename)
         return rename
 
+    def _rename_by_name(self, graph_name: str) -> Rename:
+        """The translation by names alone, for a graph whose example parameters are fakes (DDP's
+        graph splitting compiles fragments of the whole model's graph): the one model parameter
+        that shares the most trailing components with `graph_name`."""
+        names = [n for ns in self._parameter_names().values() for n in ns]
+        best = max((_common_suffix(n, graph_name) for n in names), default=0)
+        matches = [n for n in names if _common_suffix(n, graph_name) == best]
+        if best == 0 or len(matches) != 1:
+            raise UnsupportedFeatureError(
+                f"the compiled graph names a parameter {graph_name!r} that lora_fx cannot match to one of the attached "
+                f"model's ({len(matches)} candidates) from a graph fragment; set "
+                "torch._dynamo.config.optimize_ddp = False to compile DDP models whole")
+        return Rename.between(graph_name, matches[0])
+
     def _parameter_names(self) -> dict[int, list[str]]:
         if self._param_names is None:
             self._param_names = {}
             for name, p in self._model.named_parameters(remove_duplicate=False):
-                self._param_names.setdefault(id(p), []).append(name)
+                self._param_names.setdefault(id(p), []).append(without_wrappers(name))
         return self._param_names
 
     def _renamed(self, gm: fx.GraphModule, rename: Rename) -> RenamedGraph:
@@ -331,7 +373,11 @@ class LoraBackend:
         saved_reads = find_saved_module_reads(work, self._saved_modules_in(work), named.state_kind)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         values = dict(zip(placeholders, example_inputs, strict=False))
-        feeds: list[torch.Tensor] = []  # held by reference: new values are copied into them
+        # What each new input reads at every call: the tensor registered in the attached model now
+        # (a wrapper such as FSDP2 swaps its own in), else the tensor itself (new values are
+        # copied into it).
+        feeds: list[tuple[dict, str]] = []  # (mapping, key): the input is mapping[key] at call time
+        registration = self._attached.registration if self._attached is not None else None
         fake_mode = graph_fake_mode(graph)
         cache: dict[tuple[str, str], fx.Node] = {}
         last = [placeholders[-1]]
@@ -345,7 +391,9 @@ class LoraBackend:
                     node.meta["example_value"] = node.meta["val"]
                 last[0] = node
                 cache[owner, key] = node
-                feeds.append(tensor)
+                values[node] = tensor
+                slot = registration.slot(owner, key) if registration is not None else None
+                feeds.append(slot or ({key: tensor}, key))
             return cache[owner, key]
 
         # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
@@ -363,7 +411,7 @@ class LoraBackend:
         # handed real tensors, AOTAutograd would give them symbolic sizes that have no Dynamo
         # source, and Dynamo then fails to build its guards (seen on a conv adapter).
         new_inputs = [n for n in work.graph.nodes if n.op == "placeholder"][len(placeholders):]
-        examples = [n.meta.get("val", t) for n, t in zip(new_inputs, feeds, strict=True)]
+        examples = [n.meta.get("val", values[n]) for n in new_inputs]
         fn = self._compile(work, example_inputs + examples)
         return fn, feeds
 

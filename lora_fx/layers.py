@@ -14,8 +14,8 @@ from torch import nn
 from . import layer_kinds
 from .layer_kinds import LayerKind, class_qualname, kind_of_class, resolve_class
 
-__all__ = ["LayerInfo", "class_qualname", "kind_of_class", "layer_of_module", "layers_of_module",
-           "output_layer_names", "resolve_class"]
+__all__ = ["WRAPPER_COMPONENTS", "AdapterHolder", "LayerInfo", "class_qualname", "kind_of_class", "layer_of_module",
+           "layers_of_module", "output_layer_names", "resolve_class", "without_wrappers", "wrapped_child"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,41 @@ class LayerInfo:
         return self.name.rpartition(".")[0] if self.kind.targets_parameter else self.name
 
 
+# Attribute names under which torch's wrappers inside a model hold the module they wrap:
+# `torch.compile(block)`'s OptimizedModule, activation checkpointing's CheckpointWrapper.
+WRAPPER_COMPONENTS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def without_wrappers(name: str) -> str:
+    """A module or parameter name with the components of wrappers inside the model removed: a block
+    replaced by `torch.compile(block)` names its weights `layers.0._orig_mod.mlp...`; its layers
+    are still `layers.0.mlp...` to lora_fx, as to PEFT (the wrappers forward attribute access)."""
+    parts = name.split(".")
+    if not any(p in WRAPPER_COMPONENTS for p in parts):
+        return name
+    return ".".join(p for p in parts if p not in WRAPPER_COMPONENTS)
+
+
+def wrapped_child(module: nn.Module, name: str) -> nn.Module | None:
+    """`module`'s child `name`, looking through the wrappers of `WRAPPER_COMPONENTS`."""
+    while True:
+        child = module._modules.get(name)
+        if child is not None:
+            return child
+        inner = next((module._modules[w] for w in WRAPPER_COMPONENTS if w in module._modules), None)
+        if inner is None:
+            return None
+        module = inner
+
+
+class AdapterHolder(nn.Module):
+    """A container of lora_fx tensors in an attached model's module tree (`registration.py`):
+    never called, never a layer, its tensors never `target_parameters` candidates."""
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - a holder is not a layer
+        raise TypeError("an AdapterHolder holds adapter tensors and is never called")
+
+
 def parameter_layer(name: str, value: torch.Tensor, position: int, transposed: bool = False,
                     class_name: str = "") -> LayerInfo:
     """The `target_parameters` candidate a parameter is (named by its FQN). A shape PEFT has no
@@ -98,6 +133,9 @@ def layers_of_module(model: nn.Module) -> list[LayerInfo]:
     candidates of `target_parameters`)."""
     out, params = [], []
     for name, module in model.named_modules():
+        if isinstance(module, AdapterHolder):
+            continue
+        name = without_wrappers(name)
         info = layer_of_module(name, module)
         if info is not None:
             out.append(info)
@@ -121,4 +159,4 @@ def output_layer_names(model: nn.Module) -> set[str]:
     emb = get()
     if emb is None:
         return set()
-    return {name for name, module in model.named_modules() if module is emb}
+    return {without_wrappers(name) for name, module in model.named_modules() if module is emb}

@@ -141,6 +141,14 @@ def forward_backward(model, x, extract=lambda o: o):
     return out.detach()
 
 
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without the adapters an attached backend registered in it."""
+    from lora_fx.layers import AdapterHolder
+
+    holders = [name + "." for name, m in model.named_modules() if isinstance(m, AdapterHolder)]
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(holders))}
+
+
 def assert_close(actual, expected, what="output", rel=1e-5):
     err = (actual.detach().float() - expected.detach().float()).abs().max().item()
     scale = expected.detach().float().abs().max().item()

@@ -81,7 +81,10 @@ def test_training_loss_falls_and_only_adapters_train():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+    adapters = {id(p) for p in params}
     for n, p in model.named_parameters():
+        if id(p) in adapters:  # registered in the model
+            continue
         assert torch.equal(p, before[n]), f"base weight {n} changed"
         assert not p.requires_grad
     # all-linear leaves out the LM head, as PEFT does

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ConvNet, tiny_bert, tiny_gpt2, tiny_llama, token_input
+from conftest import ConvNet, base_state, tiny_bert, tiny_gpt2, tiny_llama, token_input
 from torch import nn
 
 import lora_fx
@@ -316,7 +316,7 @@ def test_lora_bias_on_a_layer_without_bias_refuses_to_merge_and_changes_nothing(
     else:
         with pytest.raises(lora_fx.UnsupportedFeatureError, match=match):
             lora_fx.merge(lora_fx.transform(torch.export.export(base, (x,)), cfg))
-    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in base_state(base).items())
 
 
 def test_safe_merge_names_the_layer_and_changes_nothing():
@@ -330,13 +330,13 @@ def test_safe_merge_names_the_layer_and_changes_nothing():
     lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False),
                            inner="aot_eager")
     lora.parameters(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in base_state(model).items()}
     with torch.no_grad():
         lora.adapters.entries["model.layers.3.self_attn.v_proj"].tensors["lora_A.weight"][1, 2] = float("nan")
     with pytest.raises(lora_fx.LoraFxError, match=r"'model.layers.3.self_attn.v_proj'.*NaN/inf"):
         lora.merge(safe_merge=True)
     assert not lora.merged
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(base_state(model)[k], v) for k, v in before.items())
 
 
 def test_misuse_is_refused_clearly():
