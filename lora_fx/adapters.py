@@ -128,6 +128,10 @@ class AdapterSet:
                        for m, c in self.saved.items()}
         return copy_
 
+    def defer_saved(self, module: str, name: str, value: torch.Tensor) -> None:
+        """Keep `value` for the `modules_to_save` copy of `module`'s `name` until it has storage."""
+        self._saved_deferred[module, name] = value
+
     def saved_copy(self, module: str, name: str, value: torch.Tensor) -> nn.Parameter:
         """The trainable copy of `module`'s parameter `name` (`modules_to_save`), made from `value`
         the first time it is asked for; PEFT trains a deep copy of the module the same way."""
@@ -176,7 +180,7 @@ class AdapterSet:
                 raise LoraFxError(f"internal: {entry.name}: the {entry.variant.name} variant needs the base weight "
                                   "to initialise its adapter")  # pragma: no cover
             with torch.no_grad():
-                entry.variant.init_from_base(entry.tensors, weight.detach(), entry.resolved, self.cfg)
+                entry.variant.init_from_base(entry.tensors, full_value(weight), entry.resolved, self.cfg)
 
     def follow(self, weights: dict[str, torch.Tensor],
                saved_sources: dict[tuple[str, str], torch.Tensor] | None = None) -> None:

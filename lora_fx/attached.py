@@ -23,10 +23,10 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
-from .distributed import check_attachable, copy_value, full_value, guard_eager_calls, is_sharded, writes_files
+from .distributed import copy_value, full_value, guard_eager_calls, is_sharded, writes_files
 from .errors import LoraFxError, UnsupportedFeatureError
 from .io import read_adapter_dir, write_adapter_dir
-from .layers import layers_of_module, output_layer_names, without_wrappers
+from .layers import layers_of_module, output_layer_names, parameters_outside_holders, without_wrappers
 from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
 from .passes.substitute_saved_modules import select_saved_modules
 from .registration import Registration
@@ -38,7 +38,7 @@ _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # Attribute names under which torch's wrappers hold the module they wrap: `torch.compile`'s
-# OptimizedModule, DistributedDataParallel, activation checkpointing's CheckpointWrapper.
+# OptimizedModule and DistributedDataParallel.
 _WRAPPED = {OptimizedModule: "_orig_mod", nn.parallel.DistributedDataParallel: "module"}
 
 
@@ -64,14 +64,13 @@ class AttachedModel:
         # layer -> (what subtraction needs besides the adapter, whether the bias was merged too).
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._undo: dict[str, tuple[Any, bool]] = {}
-        self._hooks: list = []  # guard_eager_calls' hooks (in a process group only)
+        self._guards: list = []  # (EagerCallGuard, hook handle) per adapted layer, in a process group
 
     @classmethod
     def attach(cls, model: nn.Module, owner: object, adapters: AdapterSet, pending: dict | None,
                adapter_dtype: torch.dtype | None) -> AttachedModel:
         """Create `adapters` for `model`'s targeted layers (loading `pending`, a PEFT state dict, if
         given), freeze its base weights, and register `owner` as the model's one backend."""
-        check_attachable(model)
         holder = _ATTACHED.get(model)
         if holder is not None and holder() is not None:
             raise LoraFxError(
@@ -93,7 +92,7 @@ class AttachedModel:
                     "BatchNorm running statistics); saving modules with buffers is not supported yet")
         adapters.add(resolved, dtype=adapter_dtype, weights=layer_weights(model, resolved))
         for path in saved_paths:
-            for name, p in model.get_submodule(path).named_parameters():
+            for name, p in parameters_outside_holders(model.get_submodule(path)):
                 adapters.saved_copy(path, name, p)
         if pending is not None:
             adapters.load_peft_state_dict(pending, source="adapter directory", base=ModelWeights(model))
@@ -105,16 +104,24 @@ class AttachedModel:
             p.requires_grad_(_base_trainable(cfg.bias, without_wrappers(name), resolved))
         _ATTACHED[model] = weakref.ref(owner)
         attached = cls(model, adapters, saved_paths, before, registration)
-        module_layers = {res.layer.module_path for res in resolved.values()}
-        attached._hooks = guard_eager_calls(model, sorted(module_layers), lambda: attached.merged)
+        attached._guard_if_distributed()
         return attached
+
+    def _guard_if_distributed(self) -> None:
+        """Guard the adapted layers once a process group exists (attach may come before
+        `init_process_group`; `lora.parameters()` for the optimizer comes after DDP)."""
+        if not self._guards:
+            self._guards = guard_eager_calls(self.model, sorted({e.resolved.layer.module_path
+                                                                 for e in self.adapters.entries.values()}))
+            for guard, _ in self._guards:
+                guard.merged = self.merged
 
     def detach(self) -> None:
         """Take the adapters out of the model and give its parameters back the `requires_grad`
         flags they had before `attach`."""
         self.refuse_if_merged("detach")
         self.registration.unregister()
-        for handle in self._hooks:
+        for _, handle in self._guards:
             handle.remove()
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad_before.get(name, p.requires_grad))
@@ -148,13 +155,16 @@ class AttachedModel:
         cfg, tensors = read_adapter_dir(path)
         self.adapters.load(cfg, tensors, source=os.fspath(path), base=ModelWeights(self.model))
 
-    def follow(self) -> None:
+    def follow(self, *, in_forward: bool = False) -> None:
         """The adapters the model holds now (a wrapper such as FSDP2 may have replaced them), on
-        their base weights' devices (materialised if made on the meta device)."""
-        self.registration.sync(self.adapters)
+        their base weights' devices (materialised if made on the meta device). `in_forward`: the
+        model is running (see `Registration.sync`)."""
+        self._guard_if_distributed()
+        pending = self.registration.sync(self.adapters, in_forward=in_forward)
         sources = {(module, name): self.model.get_submodule(module).get_parameter(name)
                    for module, copies in self.adapters.saved.items() for name in copies}
         self.adapters.follow(layer_weights(self.model, self.adapters.entries), sources)
+        self.registration.adopt(pending)
 
     def refuse_if_merged(self, what: str) -> None:
         if self.merged:
@@ -194,7 +204,7 @@ class AttachedModel:
                     if m.bias is not None:
                         b.copy_(m.bias)
                     self._undo[name] = (m.undo, m.bias is not None)
-        self.merged = True
+        self._set_merged(True)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -215,7 +225,13 @@ class AttachedModel:
                     b.copy_(bias)
         self._originals = None
         self._undo = {}
-        self.merged = False
+        self._set_merged(False)
+
+    def _set_merged(self, merged: bool) -> None:
+        self.merged = merged
+        self.registration.set_merged(merged)  # loading adapter values into the model is refused while merged
+        for guard, _ in self._guards:  # merged weights are right outside compiled graphs too
+            guard.merged = merged
 
     def _original_weight(self, layer: str) -> torch.Tensor:
         """A merged layer's weight as it was before the merge."""

@@ -116,10 +116,11 @@ class LoraBackend:
     def attach(self, model: nn.Module) -> LoraBackend:
         """Create the adapters for `model` now (so an optimizer can hold them before the first
         compiled call), freeze its base weights, and follow its train/eval mode for dropout."""
-        check_attachable(model)
-        model = unwrap(model)
-        if self._model is model:
+        inner = unwrap(model)
+        if self._model is inner:
             return self
+        check_attachable(model)
+        model = inner
         if self._attached is not None:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
         self._attached = AttachedModel.attach(model, self, self.adapters, self._pending, self.adapter_dtype)
@@ -225,16 +226,16 @@ class LoraBackend:
             return self._attached.saved_paths
         return select_saved_modules(self.config.saved_module_names(), module_paths(gm))
 
-    def _follow_model(self) -> None:
+    def _follow_model(self, *, in_forward: bool = False) -> None:
         if self._attached is not None:
-            self._attached.follow()
+            self._attached.follow(in_forward=in_forward)
 
     # -- the backend -------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
         # Our own copy: Dynamo keeps using (and later strips the metadata of) its graph, and a
         # second train/eval build may happen long after this call.
         gm = copy_graph_module(gm)
-        self._follow_model()
+        self._follow_model(in_forward=True)
         check_synchronised(self._attached.registration.held_ids() if self._attached is not None else None)
         # Names in a Dynamo graph are relative to the frame it compiled: the model itself, a
         # function using it (`G.model...`), or a submodule whose forward resumed after a graph
@@ -266,7 +267,7 @@ class LoraBackend:
             return (training, dropout) if training else (False, 0.0)
 
         def build(key, inputs, graph=None):
-            self._follow_model()  # the adapters the model holds now
+            self._follow_model(in_forward=True)  # the adapters the model holds now
             mode, renamed = key
             graph = graph or self._renamed(gm, renamed)  # each build rewrites a graph of its own
             if mode == "merged":
@@ -282,7 +283,7 @@ class LoraBackend:
             if key not in compiled:
                 compiled[key] = build(key, list(args))
             fn, feeds = compiled[key]
-            return fn(*args, *[where[key] for where, key in feeds])
+            return fn(*args, *feeds.values(self._attached.registration if self._attached is not None else None))
 
         return run
 
@@ -373,11 +374,7 @@ class LoraBackend:
         saved_reads = find_saved_module_reads(work, self._saved_modules_in(work), named.state_kind)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         values = dict(zip(placeholders, example_inputs, strict=False))
-        # What each new input reads at every call: the tensor registered in the attached model now
-        # (a wrapper such as FSDP2 swaps its own in), else the tensor itself (new values are
-        # copied into it).
-        feeds: list[tuple[dict, str]] = []  # (mapping, key): the input is mapping[key] at call time
-        registration = self._attached.registration if self._attached is not None else None
+        feeds = Feeds()
         fake_mode = graph_fake_mode(graph)
         cache: dict[tuple[str, str], fx.Node] = {}
         last = [placeholders[-1]]
@@ -392,8 +389,7 @@ class LoraBackend:
                 last[0] = node
                 cache[owner, key] = node
                 values[node] = tensor
-                slot = registration.slot(owner, key) if registration is not None else None
-                feeds.append(slot or ({key: tensor}, key))
+                feeds.add(owner, key, tensor)
             return cache[owner, key]
 
         # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
@@ -508,6 +504,28 @@ class LoraBackend:
                     f"{layer.name}: the compiled graph has a {layer.kind} ({layer.in_features} -> "
                     f"{layer.out_features}) but the adapter was made for a {have.kind} ({have.in_features} -> "
                     f"{have.out_features})")
+
+
+class Feeds:
+    """What the inputs a compiled graph gained read at every call: the tensor registered in the
+    attached model now (a wrapper such as FSDP2 swaps its own in), else the tensor itself (new
+    values are copied into it). Where each one is read is resolved once per registration (a
+    detach / attach replaces it)."""
+
+    def __init__(self):
+        self._items: list[tuple[str, str, torch.Tensor]] = []
+        self._resolved_for: object = self  # no registration resolved yet (None is one: detached)
+        self._slots: list[tuple[dict, str]] = []
+
+    def add(self, owner: str, key: str, tensor: torch.Tensor) -> None:
+        self._items.append((owner, key, tensor))
+
+    def values(self, registration) -> list[torch.Tensor]:
+        if registration is not self._resolved_for:
+            self._slots = [(registration.slot(owner, key) if registration is not None else None) or ({key: t}, key)
+                           for owner, key, t in self._items]
+            self._resolved_for = registration
+        return [where[key] for where, key in self._slots]
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,9 @@ def bake(args) -> str:
             lora.merge(safe_merge=args.safe_merge)
             step(3)
             with _staging(args.out, is_dir=True) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                adapters = set(lora.model_state_keys())  # registered in the model, merged into its weights
+                model.save_pretrained(tmp, safe_serialization=True,
+                                      state_dict={k: v for k, v in model.state_dict().items() if k not in adapters})
         else:
             step(2)
             ids = torch.zeros(args.batch, args.seq_len, dtype=torch.long)

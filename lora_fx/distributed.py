@@ -14,8 +14,6 @@ lora_fx is reading and writing their values as a whole: a PEFT file holds full t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 
@@ -29,6 +27,15 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 def is_sharded(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_data_parallel(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards some module of `model` (its parameters are then FSDP2's to swap)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
@@ -57,21 +64,22 @@ _ORDER = ("call lora.parameters(model) (or lora.attach(model)) first, then wrap 
 
 
 def check_attachable(model: torch.nn.Module) -> None:
-    """Refuse a model already wrapped for data parallelism: the wrapper took its list of parameters
-    when it was built, so adapters registered now would train unsynchronised."""
+    """Refuse a model already wrapped for data parallelism (the wrapper itself, a compiled wrapper
+    of it, or a model with sharded modules): the wrapper took its list of parameters when it was
+    built, so adapters registered now would train unsynchronised."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel):
-        raise LoraFxError("attach the model before DistributedDataParallel wraps it: DDP only reduces the gradients "
-                          f"of the parameters the model had when it was wrapped; {_ORDER}")
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
-        return
-    sharded = next((name for name, m in model.named_modules() if isinstance(m, FSDPModule)), None)
-    if sharded is not None:
-        raise LoraFxError(f"attach the model before fully_shard: module {sharded or '<root>'!r} is already sharded, "
-                          f"and FSDP2 manages only the parameters it found then; {_ORDER}")
+        FSDPModule = ()
+    for name, module in model.named_modules():
+        if isinstance(module, DistributedDataParallel):
+            raise LoraFxError("attach the model before DistributedDataParallel wraps it: DDP only reduces the "
+                              f"gradients of the parameters the model had when it was wrapped; {_ORDER}")
+        if isinstance(module, FSDPModule):
+            raise LoraFxError(f"attach the model before fully_shard: module {name or '<root>'!r} is already sharded, "
+                              f"and FSDP2 manages only the parameters it found then; {_ORDER}")
 
 
 def check_synchronised(adapter_ids: set[int] | None) -> None:
@@ -95,35 +103,45 @@ def check_synchronised(adapter_ids: set[int] | None) -> None:
                           "and no data-parallel wrapper synchronises them across processes; " + _ORDER)
 
 
-def guard_eager_calls(model: torch.nn.Module, layers: list[str], merged) -> list:
-    """In a process group, make the adapted layers refuse to run outside a compiled graph inside
-    DDP's forward (unless `merged()`): return the hook handles.
+class EagerCallGuard:
+    """A forward pre-hook of an adapted layer: refuses to run outside a compiled graph inside
+    DDP's forward, unless the adapters are `merged` into the weights.
 
     Compiling a DDP model, Dynamo breaks the graph in DDP's own forward and then skips frames of
     torch's own code: a model whose forward is torch's (`nn.Sequential`) then runs eagerly, where
-    lora_fx adds nothing, and would train without its adapters. Inside a compiled graph the hook
-    is traced away (`is_compiling()`); outside a process group no hook is added (no cost).
+    lora_fx adds nothing, and would train without its adapters. Inside a traced forward the hook
+    is traced away (`is_compiling()`); called from a frame Dynamo skips, it runs eagerly (its code
+    is marked so: Dynamo must not compile it as a frame of its own, where it could not tell).
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return []
-    from torch.nn.parallel import DistributedDataParallel
 
-    def refuse_eager(module, args, *, name):
-        if not torch.compiler.is_compiling() and DistributedDataParallel._get_active_ddp_module() is not None \
-                and not merged():
+    def __init__(self, layer: str):
+        self.layer = layer
+        self.merged = False
+
+    def __call__(self, module, args):
+        if torch.compiler.is_compiling() or self.merged:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        if DistributedDataParallel._get_active_ddp_module() is not None:
             raise LoraFxError(
-                f"layer {name!r} ran outside a compiled graph inside DistributedDataParallel's forward, where its "
-                "adapter does not apply (Dynamo skips the forward of torch's own modules, such as nn.Sequential, "
+                f"layer {self.layer!r} ran outside a compiled graph inside DistributedDataParallel's forward, where "
+                "its adapter does not apply (Dynamo skips the forward of torch's own modules, such as nn.Sequential, "
                 "after DDP's graph break). Compile the model inside DDP: "
                 "DistributedDataParallel(torch.compile(model, backend=lora))")
 
-    # Called by a frame Dynamo skips, the hook must run eagerly (so that it can tell), not be
-    # compiled as a frame of its own; inlined into a traced forward, it is traced as usual.
+
+def guard_eager_calls(model: torch.nn.Module, layers: list[str]) -> list[tuple[EagerCallGuard, object]]:
+    """In a process group, install an `EagerCallGuard` on each adapted layer; return (guard, hook
+    handle) pairs (none outside a process group: DDP needs one, and a pre-hook changes how Dynamo
+    splits a layer's call at a graph break in another pre-hook of it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
     from torch._dynamo.eval_frame import skip_code
 
-    skip_code(refuse_eager.__code__)
-    handles = []
+    skip_code(EagerCallGuard.__call__.__code__)
+    out = []
     for name in layers:
-        hook = functools.partial(refuse_eager, name=name)
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    return handles
+        guard = EagerCallGuard(name)
+        out.append((guard, model.get_submodule(name).register_forward_pre_hook(guard)))
+    return out

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from . import layer_kinds
+from .errors import LoraFxError
 from .layer_kinds import LayerKind, class_qualname, kind_of_class, resolve_class
 
 __all__ = ["WRAPPER_COMPONENTS", "AdapterHolder", "LayerInfo", "class_qualname", "kind_of_class", "layer_of_module",
-           "layers_of_module", "output_layer_names", "resolve_class", "without_wrappers", "wrapped_child"]
+           "layers_of_module", "output_layer_names", "parameters_outside_holders", "resolve_class",
+           "without_wrappers", "wrapped_child"]
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,41 @@ def wrapped_child(module: nn.Module, name: str) -> nn.Module | None:
 
 class AdapterHolder(nn.Module):
     """A container of lora_fx tensors in an attached model's module tree (`registration.py`):
-    never called, never a layer, its tensors never `target_parameters` candidates."""
+    never called, never a layer, its tensors never `target_parameters` candidates.
+
+    Loading a state dict into the model: keys a state dict lacks are not missing (a base
+    checkpoint leaves the adapters as they are), whatever prefix the model is loaded under (a
+    compiled wrapper, DDP, a parent module); keys it has are recorded in `loaded` (the registration
+    keeps such values when it replaces tensors); while `merged`, loading adapter values is refused
+    (unmerge would subtract a delta that was never added).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.merged = False
+        self.loaded: set[str] = set()
 
     def forward(self, *args, **kwargs):  # pragma: no cover - a holder is not a layer
         raise TypeError("an AdapterHolder holds adapter tensors and is never called")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        present = [name for name in self._parameters if prefix + name in state_dict]
+        if present and self.merged:
+            raise LoraFxError(f"loading {prefix + present[0]!r} while the adapters are merged into the model's weights "
+                              "would make unmerge subtract a delta that was never added; call lora.unmerge() first")
+        missing_before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        del missing_keys[missing_before:]
+        self.loaded.update(present)
+
+
+def parameters_outside_holders(module: nn.Module):
+    """`module.named_parameters()` without the tensors of `AdapterHolder`s inside it (a copy of an
+    attached model carries the adapters it had)."""
+    holders = tuple(name + "." for name, m in module.named_modules() if isinstance(m, AdapterHolder))
+    return [(name, p) for name, p in module.named_parameters() if not name.startswith(holders)]
 
 
 def parameter_layer(name: str, value: torch.Tensor, position: int, transposed: bool = False,

@@ -12,8 +12,9 @@ Who owns the tensor object: the model. Wrappers replace registered parameters wi
 forward), so a compiled graph reads each adapter from its registration at every call
 (`Registration.slot`), and `sync` makes the `AdapterSet` hold what the model holds now. One
 exception: `to_empty` on a model built on the meta device replaces meta parameters with
-uninitialised ones; those are put back (the `AdapterSet` materialises and initialises its own,
-which optimizers built on meta already hold).
+uninitialised ones. The `AdapterSet` then materialises and initialises its own (values a state
+dict loaded meanwhile are kept); a plain parameter gets the `AdapterSet`'s object back (optimizers
+built on meta hold it), a sharded one (FSDP2) receives its shard of the initialised values.
 
 Invariants: holders hold only lora_fx tensors and are never called; the scaling tensors are not
 registered (they are not trained, and wrappers must not shard or cast them); `unregister`
@@ -22,12 +23,14 @@ removes every holder this registration added.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .adapters import AdapterSet
+from .distributed import copy_value, full_value, is_data_parallel, is_sharded
 from .errors import LoraFxError
 from .layers import AdapterHolder, wrapped_child
 from .passes.substitute_saved_modules import COPY_PREFIX
@@ -56,7 +59,6 @@ class Registration:
         # (owner, key) as `provide` asks for them -> (holder, leaf)
         self.slots: dict[tuple[str, str], tuple[nn.Module, str]] = {}
         self._added: list[tuple[nn.Module, str]] = []  # (parent, child name): the holders to remove
-        self._load_hook = None
 
     @classmethod
     def register(cls, model: nn.Module, adapters: AdapterSet) -> Registration:
@@ -69,12 +71,9 @@ class Registration:
             holder, leaf = reg._holder_for(in_model_name(*slot))
             holder.register_parameter(leaf, tensor)
             reg.slots[slot] = (holder, leaf)
-        reg._load_hook = reg.model.register_load_state_dict_post_hook(_missing_keys_filter(reg))
         return reg
 
     def unregister(self) -> None:
-        if self._load_hook is not None:
-            self._load_hook.remove()
         for holder, leaf in self.slots.values():
             holder._parameters.pop(leaf, None)
         for parent, child in reversed(self._added):
@@ -96,41 +95,69 @@ class Registration:
         """The ids of the tensors registered now."""
         return {id(holder._parameters[leaf]) for holder, leaf in self.slots.values()}
 
-    def sync(self, adapters: AdapterSet) -> None:
-        """Make `adapters` hold the tensors the model holds, except where the model's are
-        uninitialised replacements of meta tensors (`to_empty`): those get ours back."""
-        for (slot, ours), setter in zip(_tensors_by_slot(adapters), _setters(adapters), strict=True):
+    def sync(self, adapters: AdapterSet, *, in_forward: bool = False) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                                  Callable]]:
+        """Make `adapters` hold the tensors the model holds now, except where the model's replace a
+        meta tensor of ours (`to_empty`; see the module docstring). Returns what `adopt` must
+        finish once `AdapterSet.follow` has materialised ours: (theirs, ours, setter).
+
+        `in_forward`: called while the model runs (compiling). A sharded model's adapters made on
+        meta cannot be initialised then (FSDP2 may have gathered some already): refused."""
+        pending = []
+        for (slot, ours, setter, deferred) in _adapter_tensors(adapters):
             holder, leaf = self.slots[slot]
             theirs = holder._parameters[leaf]
+            loaded = leaf in holder.loaded
+            holder.loaded.discard(leaf)
             if theirs is ours:
                 continue
-            if ours.device.type == "meta" and theirs.device.type != "meta":
-                holder._parameters[leaf] = ours  # materialised by AdapterSet.follow
-            else:
+            if ours.device.type != "meta":
                 setter(theirs)
+            elif theirs.device.type != "meta":
+                if loaded:  # a state dict wrote it: keep the value through the initialisation
+                    deferred(full_value(theirs))
+                if is_sharded(theirs) and not in_forward:
+                    pending.append((theirs, ours, setter))
+                elif is_sharded(theirs) or is_data_parallel(self.model):  # FSDP2's, in a forward
+                    raise LoraFxError(
+                        f"the adapter {in_model_name(*slot)!r} was made on the meta device and the sharded model now "
+                        "has storage, but its adapters are not initialised yet: call lora.parameters() after to_empty "
+                        "and before the first call (it initialises them, the same on every process: seed alike)")
+                else:
+                    holder._parameters[leaf] = ours
+        return pending
+
+    @staticmethod
+    def adopt(pending: list[tuple[torch.Tensor, torch.Tensor, Callable]]) -> None:
+        """Give each sharded replacement its shard of our (now initialised) values; hold it."""
+        for theirs, ours, setter in pending:
+            copy_value(theirs, ours)
+            setter(theirs)
+
+    def set_merged(self, merged: bool) -> None:
+        for holder, _ in self.slots.values():
+            holder.merged = merged
 
     # -- building -------------------------------------------------------------------------------
     def _check_free(self, owner: str, fqn: str) -> None:
-        """Refuse a name the model already uses for something else: below `owner`, every existing
-        module on the path must be a holder. Holders found there (a copy of an attached model)
-        are reused: their tensors are replaced by this backend's."""
+        """Refuse a name the model already uses for something else. Up to `owner` the path may
+        run through any module (the adapted layer and its parents); the components lora_fx adds
+        after it (`lora_A`, `default`, the leaf) must be absent, or holders: those of a copy of an
+        attached model are reused and their tensors replaced."""
         module = self.model
         parts = fqn.split(".")
-        ours_from = len(owner.split(".")) if owner else 0  # the components lora_fx adds (lora_A.default...)
+        ours_from = len(owner.split(".")) if owner else 0
         for i, part in enumerate(parts):
+            if isinstance(module, AdapterHolder):
+                return
             child = wrapped_child(module, part)
-            last = i == len(parts) - 1
-            taken = (child is not None and (last or (i >= ours_from and not isinstance(child, AdapterHolder)))) or (
-                child is None and hasattr(module, part) and not isinstance(module, AdapterHolder))
-            if last and isinstance(module, AdapterHolder) and part in module._parameters:
-                taken = False
-            if taken:
+            if child is None and not hasattr(module, part):
+                return  # free from here on
+            if child is None or i == len(parts) - 1 or (i >= ours_from and not isinstance(child, AdapterHolder)):
                 raise LoraFxError(
                     f"cannot register the adapter tensor {fqn!r} in the model: {'.'.join(parts[: i + 1])!r} is "
                     f"already an attribute of {type(module).__name__} (lora_fx needs that name for the adapter, "
                     "as PEFT names it)")
-            if child is None:
-                return
             module = child
 
     def _holder_for(self, fqn: str) -> tuple[nn.Module, str]:
@@ -147,31 +174,19 @@ class Registration:
 
 
 def _tensors_by_slot(adapters: AdapterSet) -> Iterator[tuple[tuple[str, str], nn.Parameter]]:
+    for slot, tensor, _, _ in _adapter_tensors(adapters):
+        yield slot, tensor
+
+
+def _adapter_tensors(adapters: AdapterSet):
+    """Per adapter tensor: (slot, tensor, a function making `adapters` hold another tensor there,
+    a function keeping a value to copy in once the tensor is materialised)."""
     storage = adapters.storage_names()
     for name, entry in adapters.entries.items():
         for key, t in entry.tensors.items():
-            yield (storage[name], key), t
+            yield ((storage[name], key), t, functools.partial(entry.tensors.__setitem__, key),
+                   functools.partial(entry.deferred.__setitem__, key))
     for module, copies in adapters.saved.items():
         for name, t in copies.items():
-            yield (module, COPY_PREFIX + name), t
-
-
-def _setters(adapters: AdapterSet) -> Iterator[Callable[[nn.Parameter], None]]:
-    """In `_tensors_by_slot`'s order: a function that makes `adapters` hold a new tensor there."""
-    for entry in adapters.entries.values():
-        for key in entry.tensors:
-            yield lambda t, d=entry.tensors, k=key: d.__setitem__(k, t)
-    for copies in adapters.saved.values():
-        for name in copies:
-            yield lambda t, d=copies, k=name: d.__setitem__(k, t)
-
-
-def _missing_keys_filter(reg: Registration):
-    """A load_state_dict post-hook keeping `model.load_state_dict(base_checkpoint)` working: adapter
-    keys a state dict lacks are not "missing" (the adapters keep their values)."""
-    ours = {fqn for fqn, _ in reg.named_tensors()}
-
-    def hook(module, incompatible):
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in ours]
-
-    return hook
+            yield ((module, COPY_PREFIX + name), t, functools.partial(copies.__setitem__, name),
+                   functools.partial(adapters.defer_saved, module, name))

@@ -56,6 +56,9 @@ def test_bake_a_merged_transformers_checkpoint(model_and_adapter, tmp_path):
         got = merged(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert not any("lora" in k for k in merged.state_dict())
+    from safetensors.torch import load_file
+
+    assert not any("lora" in k for k in load_file(out / "model.safetensors")), "adapters written into the merged file"
     assert _leftovers(tmp_path) == []
 
 

@@ -351,3 +351,39 @@ def test_the_example_runs_with_the_documented_command(tmp_path):
     for got, want in zip(printed, ref_losses, strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (printed, ref_losses)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp2_on_a_meta_built_model_initialises_the_adapters_when_asked(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    source = build_model()
+    ids = global_batch(0)
+    with torch.no_grad():
+        base_logits = source(ids).logits
+
+    def sharded_on_meta():
+        with torch.device("meta"):
+            model = build_model()
+        lora = lora_fx.backend(_config(), inner="aot_eager")
+        lora.attach(model)
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in source.state_dict():
+                    p.to_local().copy_(source.state_dict()[name])  # one process: the shard is the whole
+            for name, b in model.named_buffers():  # rotary frequencies: not in a checkpoint
+                b.copy_(source.get_buffer(name))
+        return model, lora
+
+    model, lora = sharded_on_meta()
+    with raised_while_compiling(lora_fx.LoraFxError, "call lora.parameters\\(\\) after to_empty"):
+        torch.compile(model, backend=lora)(ids)
+    model, lora = sharded_on_meta()
+    params = lora.parameters()  # initialises: lora_A random, lora_B zero, in the shards
+    assert all(type(p).__name__ == "DTensor" and torch.isfinite(full_value(p)).all() for p in params)
+    assert any(full_value(p).abs().sum() > 0 for p in params)
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend=lora)(ids).logits, base_logits, "fresh adapters are a no-op")

@@ -116,3 +116,99 @@ def test_a_name_the_model_already_uses_is_refused():
     with pytest.raises(lora_fx.LoraFxError, match=r"'0.lora_A'.*already an attribute of Linear"):
         lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"])).attach(model)
     assert not any(n.startswith("0.lora_A.default") for n, _ in model.named_parameters())
+
+
+def _two_linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+def test_detach_then_attach_again_keeps_the_compiled_model_working(tmp_path):
+    model = _two_linear()
+    peft_model, path = peft_adapter(model, tmp_path, r=2, target_modules=["0", "2"])
+    lora = lora_fx.backend(str(path), inner="aot_eager")
+    lora.attach(model)
+    fast = torch.compile(model, backend=lora)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        first = fast(x)
+        lora.detach()
+        lora.attach(model)
+        assert_close(fast(x), first, "after detach + attach")
+    assert_close(first, peft_model(x), "adapted")
+
+
+def test_an_attached_model_pickles():
+    import io
+
+    model = _two_linear()
+    lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"])).attach(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copied = torch.load(buffer, weights_only=False)
+    assert torch.equal(copied.get_parameter("0.lora_A.default.weight"), model.get_parameter("0.lora_A.default.weight"))
+
+
+def test_loading_adapter_values_while_merged_is_refused():
+    model = _two_linear()
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False),
+                           inner="aot_eager")
+    lora.attach(model)
+    original = model[0].weight.detach().clone()
+    state = {k: v * 2 for k, v in model.state_dict().items() if "lora_" in k}
+    lora.merge(keep_original=False)
+    with pytest.raises(lora_fx.LoraFxError, match=r"'0.lora_A.default.weight' while the adapters are merged"):
+        model.load_state_dict(state, strict=False)
+    lora.unmerge()
+    assert_close(model[0].weight, original, "unmerged weight", rel=1e-6)
+    model.load_state_dict(state, strict=False)  # unmerged: allowed
+    assert torch.equal(model.get_parameter("0.lora_A.default.weight"), state["0.lora_A.default.weight"])
+
+
+def test_a_copy_with_modules_to_save_registers_each_copy_once(tmp_path):
+    model = _two_linear()
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])
+    lora_fx.backend(cfg, inner="aot_eager").attach(model)
+    copied = copy.deepcopy(model)
+    other = lora_fx.backend(cfg, inner="aot_eager")
+    other.attach(copied)
+    assert sorted(other.adapters.saved["2"]) == ["bias", "weight"]
+    other.save_adapter(tmp_path / "a")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(tmp_path / "a" / "adapter_model.safetensors")) == [
+        "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight",
+        "base_model.model.2.bias", "base_model.model.2.weight"]
+
+
+def test_a_compiled_model_of_compiled_blocks_adapts_every_block(tmp_path):
+    """Blocks compiled one by one, then the whole model: graph names carry `_orig_mod` for every
+    block (before, only the block whose weight named the frame was adapted)."""
+    base = tiny_llama()
+    peft_model, path = peft_adapter(base, tmp_path, r=2, target_modules=["q_proj", "down_proj"])
+    lora = lora_fx.backend(str(path), inner="aot_eager")
+    lora.attach(base)
+    for i, block in enumerate(base.model.layers):
+        base.model.layers.register_module(str(i), torch.compile(block, backend="eager"))
+    x = token_input()
+    with torch.no_grad():
+        assert_close(torch.compile(base, backend=lora)(x).logits, peft_model(x).logits, "compiled blocks, whole model")
+
+
+def test_a_full_checkpoint_loaded_into_a_meta_built_model_is_kept(tmp_path):
+    source = _two_linear()
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    trained = lora_fx.backend(cfg, inner="aot_eager")
+    trained.attach(source)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        want = torch.compile(source, backend=trained)(x)
+    with torch.device("meta"):
+        model = _two_linear()
+    lora = lora_fx.backend(cfg, inner="aot_eager")
+    lora.attach(model)
+    model.to_empty(device="cpu")
+    assert model.load_state_dict(source.state_dict()).missing_keys == []
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend=lora)(x), want, "adapters from the checkpoint, not re-initialised")

@@ -60,7 +60,7 @@ from ..layer_kinds import (
     resolve_class,
 )
 from ..layer_kinds.base import target_name as _target_name
-from ..layers import LayerInfo, layer_of_module, parameter_layer
+from ..layers import LayerInfo, layer_of_module, parameter_layer, without_wrappers
 from ..marks import ADAPTER, INPUT, has_mark
 
 SITE_KEY = "lora_fx_site"
@@ -100,11 +100,11 @@ _ITEM = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
 def normalize_path(path: str) -> str:
     """`L['self']._modules['model'].layers[0]` -> `model.layers.0` (Dynamo spellings of a path;
-    `L['args'][0]` is a root too, see `_ROOT`)."""
+    `L['args'][0]` is a root too, see `_ROOT`; wrapper components such as `_orig_mod` are dropped)."""
     path = _ROOT.sub("", path)
     path = re.sub(r"\._(modules|parameters|buffers)(?=\[)", "", path)
     path = _ITEM.sub(lambda m: "." + m.group(1), path)
-    return path.lstrip(".")
+    return without_wrappers(path.lstrip("."))  # a compiled block inside the model is its inner module
 
 
 def module_stack_entry(node: fx.Node):
