@@ -471,6 +471,8 @@ def parse_args(argv):
     p.add_argument("--no-scaling", action="store_true", help="skip the transform() scaling table")
     p.add_argument("--scaling-only", type=int, default=0, metavar="ROUNDS",
                    help="only the transform() scaling table: ROUNDS interleaved rounds, medians")
+    p.add_argument("--compile-time", type=int, default=0, metavar="ROUNDS",
+                   help="only the cold / warm compile-time table (fresh processes): ROUNDS interleaved rounds")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     return p.parse_args(argv)
 
@@ -483,6 +485,11 @@ def main(argv=None) -> str:
         shape.reps = args.reps
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_time:
+        from .compile_time import compile_time
+
+        return compile_time(args.compile_time, **({"hidden": 64, "layers": 1, "variants": ("plain", "lora")}
+                                                  if args.smoke else {}))
     if args.scaling_only:
         return scaling_only(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r, args.scaling_only)
     compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")

@@ -110,6 +110,8 @@ class GraphBuilder:
             fargs, fkwargs = fx.node.map_arg((args, kwargs), node_value)
             with self.fake_mode:
                 node.meta["val"] = target(*fargs, **fkwargs)
+            if "example_value" in self.anchor.meta:  # a Dynamo graph: its passes (and AOTAutograd's
+                node.meta["example_value"] = node.meta["val"]  # cache check) read this key
         self.created.append(node)
         return node
 

@@ -150,3 +150,31 @@ def test_patch_embedding_conv_adapter_compiles(inner_backend):
     a, b = entry.tensors["lora_A.weight"], entry.tensors["lora_B.weight"]
     expected = model(x) + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a, stride=8), b) * 2.0
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_graphs_are_served_by_inductors_caches(tmp_path, monkeypatch):
+    """A second compile of the same model (another process, or after a reset) must be served by the
+    FX graph cache and the AOTAutograd cache, as the plain model's is. The AOTAutograd cache
+    bypassed lora_fx graphs while nodes lora_fx added lacked Dynamo's `example_value`."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.down(self.up(x).relu()).view(-1)  # methods called on adapted outputs
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    model = Net()
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=4, target_modules=["up", "down"]), inner="inductor")
+    lora.attach(model)
+    x = torch.randn(4, 16)
+    seen = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(model, backend=lora, fullgraph=True)(x).sum().backward()
+        seen.append(dict(counters["aot_autograd"]))
+    assert seen[0].get("autograd_cache_bypass", 0) == 0 and seen[0].get("autograd_cache_saved") == 1, seen[0]
+    assert seen[1].get("autograd_cache_hit") == 1, seen[1]
