@@ -29,13 +29,19 @@ def is_sharded(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def is_data_parallel(model: torch.nn.Module) -> bool:
-    """Whether FSDP2 shards some module of `model` (its parameters are then FSDP2's to swap)."""
+def _fsdp_module_class() -> type | tuple:
+    """FSDP2's module class (`isinstance` with `()` is False: torch built without it)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+        return ()
+    return FSDPModule
+
+
+def is_fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards some module of `model` (its parameters are then FSDP2's to swap)."""
+    fsdp_module = _fsdp_module_class()
+    return any(isinstance(m, fsdp_module) for m in model.modules())
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
@@ -69,15 +75,12 @@ def check_attachable(model: torch.nn.Module) -> None:
     built, so adapters registered now would train unsynchronised."""
     from torch.nn.parallel import DistributedDataParallel
 
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()
+    fsdp_module = _fsdp_module_class()
     for name, module in model.named_modules():
         if isinstance(module, DistributedDataParallel):
             raise LoraFxError("attach the model before DistributedDataParallel wraps it: DDP only reduces the "
                               f"gradients of the parameters the model had when it was wrapped; {_ORDER}")
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp_module):
             raise LoraFxError(f"attach the model before fully_shard: module {name or '<root>'!r} is already sharded, "
                               f"and FSDP2 manages only the parameters it found then; {_ORDER}")
 

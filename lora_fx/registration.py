@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterSet
-from .distributed import copy_value, full_value, is_data_parallel, is_sharded
+from .distributed import copy_value, full_value, is_fsdp_sharded, is_sharded
 from .errors import LoraFxError
 from .layers import AdapterHolder, wrapped_child
 from .passes.substitute_saved_modules import COPY_PREFIX
@@ -118,7 +118,7 @@ class Registration:
                     deferred(full_value(theirs))
                 if is_sharded(theirs) and not in_forward:
                     pending.append((theirs, ours, setter))
-                elif is_sharded(theirs) or is_data_parallel(self.model):  # FSDP2's, in a forward
+                elif is_sharded(theirs) or is_fsdp_sharded(self.model):  # FSDP2's, in a forward
                     raise LoraFxError(
                         f"the adapter {in_model_name(*slot)!r} was made on the meta device and the sharded model now "
                         "has storage, but its adapters are not initialised yet: call lora.parameters() after to_empty "
