@@ -1,19 +1,20 @@
 """lora_fx: LoRA as a compiler pass for torch.compile and torch.export.
 
 Public API:
-    LoraConfig, backend, LoraBackend, transform, merge, unmerge, save_adapter, load_adapter, and
+    LoraConfig, BdLoraConfig, backend, LoraBackend, transform, merge, unmerge, save_adapter, load_adapter, and
     the errors.
 """
 
 from .adapter_files import load_adapter, save_adapter
 from .backend import LoraBackend, backend
-from .config import LoraConfig
+from .config import BdLoraConfig, LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .merging import merge, unmerge
 from .program import transform
 
 __all__ = [
-    "AdapterFileError", "ConfigError", "LoraBackend", "LoraConfig", "LoraFxError", "TargetNotFoundError",
-    "UnsupportedFeatureError", "backend", "load_adapter", "merge", "save_adapter", "transform", "unmerge",
+    "AdapterFileError", "BdLoraConfig", "ConfigError", "LoraBackend", "LoraConfig", "LoraFxError",
+    "TargetNotFoundError", "UnsupportedFeatureError", "backend", "load_adapter", "merge", "save_adapter",
+    "transform", "unmerge",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ ALL_LINEAR = "all-linear"
 # Keys PEFT writes that do not change what the adapter computes.
 _INERT_KEYS = {
     "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "megatron_core", "qalora_group_size", "loftq_config",
+    "peft_version", "megatron_core", "loftq_config",
 }
 
 # Keys whose non-default value selects a feature lora_fx does not implement yet: (default test, issue).
@@ -51,6 +51,63 @@ _INIT_MODES = (True, False, "gaussian")
 # The modules PEFT's task models (PeftModelForSequenceClassification, ...) add to modules_to_save.
 _TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                          "QUESTION_ANS": ("qa_outputs",)}
+
+
+@dataclass
+class BdLoraConfig:
+    """Block-diagonal LoRA (PEFT's `BdLoraConfig`, the value of `LoraConfig.use_bdlora`).
+
+    Args:
+        target_modules_bd_a: Layers whose `lora_A` is block-diagonal (a pattern matches a layer when
+            it is a substring of the layer's name, as PEFT matches). Use it for row-parallel layers
+            (`o_proj`, `down_proj`).
+        target_modules_bd_b: Layers whose `lora_B` is block-diagonal: column-parallel layers
+            (`q_proj`, `k_proj`, `v_proj`, `up_proj`, `gate_proj`).
+        nblocks: Number of diagonal blocks (the tensor-parallel degree the adapter is meant for).
+        match_strict: Every adapted layer must match one of the two lists.
+
+    Example:
+        >>> BdLoraConfig(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2).nblocks
+        2
+    """
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple))
+                                      or not all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"BdLoraConfig.{name} must be a list of module-name patterns, got {value!r}")
+        if not isinstance(self.nblocks, int) or isinstance(self.nblocks, bool) or self.nblocks <= 0:
+            raise ConfigError(f"BdLoraConfig.nblocks must be a positive integer, got {self.nblocks!r}")
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ConfigError(f"BdLoraConfig: {sorted(overlap)} are in both target_modules_bd_a and "
+                              "target_modules_bd_b; a layer has one block-diagonal factor")
+
+    @classmethod
+    def coerce(cls, value: Any) -> BdLoraConfig | None:
+        """`use_bdlora` as given (None, a `BdLoraConfig`, PEFT's object, or the dict a saved
+        `adapter_config.json` holds) as a `BdLoraConfig`."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"LoraConfig.use_bdlora: unknown keys {unknown} (known: {sorted(known)})")
+            return cls(**value)
+        if all(hasattr(value, f.name) for f in dataclasses.fields(cls)):  # PEFT's BdLoraConfig
+            return cls(**{f.name: getattr(value, f.name) for f in dataclasses.fields(cls)})
+        raise ConfigError(f"LoraConfig.use_bdlora must be a BdLoraConfig or a dict of its fields, got {value!r}")
+
+
+# Fields that select a variant; PEFT allows one at a time.
+VARIANT_FIELDS = ("use_dora", "use_qalora", "alora_invocation_tokens", "use_bdlora")
 
 
 def _is_default(value: Any) -> bool:
@@ -112,11 +169,12 @@ class LoraConfig:
     # Raw parameters to adapt (fused MoE experts): a name matches if it equals an entry or ends
     # with "." + entry, as PEFT's target_parameters.
     target_parameters: list[str] | None = None
-    # Fields of variants that are not implemented yet: accepted, rejected when set.
+    # Variants (at most one per config, as PEFT).
     use_dora: bool = False
     use_qalora: bool = False
+    qalora_group_size: int = 16
     alora_invocation_tokens: list[int] | None = None
-    use_bdlora: Any = None
+    use_bdlora: BdLoraConfig | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     modules_to_save: list[str] | None = None
     # PEFT keys that do not affect the computation, kept for a faithful round trip.
@@ -178,12 +236,31 @@ class LoraConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}] must be a number, got {value!r}")
         self._check_patterns()
+        self._check_variant_fields()
         for name, feature in _NOT_YET.items():
             value = getattr(self, name, None) if name in _fields() else self.extra.get(name)
             if not _is_default(value):
                 raise UnsupportedFeatureError(
                     f"LoraConfig.{name}={value!r}: {feature} is not supported by lora_fx yet"
                 )
+
+    def _check_variant_fields(self) -> None:
+        self.use_bdlora = BdLoraConfig.coerce(self.use_bdlora)
+        group = self.qalora_group_size
+        if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+            raise ConfigError(f"LoraConfig.qalora_group_size must be a positive integer, got {group!r}")
+        tokens = self.alora_invocation_tokens
+        if tokens is not None:
+            if isinstance(tokens, tuple):
+                tokens = self.alora_invocation_tokens = list(tokens)
+            if not isinstance(tokens, list) or not tokens or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+                raise ConfigError("LoraConfig.alora_invocation_tokens must be a non-empty list of token ids, "
+                                  f"got {tokens!r}")
+        chosen = [name for name in VARIANT_FIELDS if not _is_default(getattr(self, name))]
+        if len(chosen) > 1:
+            raise ConfigError(f"LoraConfig: {' and '.join(chosen)} are set together; a config selects one variant "
+                              "(PEFT has no combination of these either)")
 
     def saved_module_names(self) -> list[str]:
         """`modules_to_save` with the heads PEFT's task models add for `task_type`.
@@ -259,7 +336,8 @@ class LoraConfig:
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
-            out[f.name] = getattr(self, f.name)
+            value = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(value) if isinstance(value, BdLoraConfig) else value
         return out
 
     @classmethod

@@ -232,3 +232,16 @@ def test_trainable_token_indices_is_refused_with_the_alternative(tmp_path):
     with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"trainable_token_indices=\[3, 5\].*some embedding rows"
                                                               r".*modules_to_save=\['embed_tokens'\]"):
         lora_fx.backend(tmp_path / "tok")
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(use_dora=True, use_bdlora={"nblocks": 2}), "use_dora and use_bdlora are set together"),
+    (dict(use_bdlora={"nblocks": 0}), "nblocks must be a positive integer"),
+    (dict(use_bdlora={"nblock": 2}), r"use_bdlora: unknown keys \['nblock'\]"),
+    (dict(use_bdlora={"target_modules_bd_a": ["q"], "target_modules_bd_b": ["q"]}), "in both"),
+    (dict(alora_invocation_tokens=[]), "alora_invocation_tokens must be a non-empty list"),
+    (dict(qalora_group_size=0), "qalora_group_size must be a positive integer"),
+])
+def test_bad_variant_fields_name_the_field(fields, match):
+    with pytest.raises(lora_fx.ConfigError, match=match):
+        lora_fx.LoraConfig(target_modules=["q_proj"], **fields)

@@ -29,8 +29,8 @@ def get(name: str) -> Variant:
 
 
 def variant_for(cfg: LoraConfig) -> Variant:
-    """The variant a config selects: the first specific variant (in registration order) that
-    claims it, else the fallback (plain LoRA, which claims everything)."""
+    """The variant a config selects: the specific variant that claims it, else the fallback (plain
+    LoRA, which claims everything)."""
     ordered = sorted(_REGISTRY.values(), key=lambda v: v.fallback)
     for variant in ordered:
         if variant.claims(cfg):
@@ -38,6 +38,18 @@ def variant_for(cfg: LoraConfig) -> Variant:
     raise LookupError("no variant claims this config")  # pragma: no cover - lora claims all
 
 
-from . import dora, lora  # noqa: E402,F401  (registration)
+def _register_all() -> None:
+    """Import every module of this package: each registers its variant (one file, one `register`).
+    Claims never overlap (a config selects at most one variant, `config.VARIANT_FIELDS`), so the
+    import order does not matter."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
 
 __all__ = ["SiteCall", "TensorSpec", "Variant", "get", "register", "unregister", "variant_for"]
