@@ -38,7 +38,6 @@ def test_bad_config_field(field, value, match):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_qalora", True), ("alora_invocation_tokens", [1, 2]),
     ("trainable_token_indices", [1, 2]),
 ])
 def test_not_yet_supported_features_are_refused(field, value):
@@ -50,9 +49,9 @@ def test_unsupported_feature_in_adapter_file(tmp_path):
     _, _, path = peft_reference("gpt2", tmp_path)
     cfg_file = path / "adapter_config.json"
     data = json.loads(cfg_file.read_text())
-    data["use_qalora"] = True
+    data["layer_replication"] = [[0, 1]]
     cfg_file.write_text(json.dumps(data))
-    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"adapter_config.json.*use_qalora"):
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"adapter_config.json.*layer_replication"):
         lora_fx.backend(path)
 
 
