@@ -187,11 +187,13 @@ def test_factored_norm_equals_dense_norm_and_never_builds_out_by_in():
         torch.testing.assert_close(ep2.module()(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_dora_refuses_grouped_convs():
+def test_dora_on_grouped_convs_runs_and_refuses_merging():
+    # Grouped convs run PEFT's DoRA (parity in tests/test_dora_grouped_conv.py); like PEFT, they do not merge.
     net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     ep = torch.export.export(net, (torch.randn(1, 4, 5, 5),))
-    with pytest.raises(lora_fx.ConfigError, match=r"'?0'?.*grouped conv"):
-        lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    ep_dora = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match=r"'0'.*groups=2"):
+        lora_fx.merge(ep_dora)
 
 
 @pytest.mark.parametrize("name", ["llama_linear", "gpt2_conv1d_embedding", "conv123", "embedding_linear"])

@@ -11,7 +11,8 @@ A kind (Linear, transformers' Conv1D, Embedding, ConvNd, ...) says
 - the adapter in this kind's form: the PEFT keys and shapes of the LoRA factors
   (`factor_keys` / `factor_shapes`), the graph nodes of `A(x)` and `B(h)` (`apply_a` /
   `apply_b`), the base op without its bias (`apply_base`), and the factors as matrices in the
-  row layout (`factor_matrices`), from which every variant's merge math follows.
+  row layout (`factor_matrices`), from which every variant's merge math follows; where PEFT's
+  DoRA normalises another tensor than `B·A` (grouped convs), that tensor (`dora_norm_delta`).
 Variants ask the kind (`layer.kind`); they never branch on which kind it is. Adding a kind is
 one file in this package and one `register` call (`layer_kinds/__init__.py`).
 
@@ -135,6 +136,16 @@ class LayerKind:
 
     def merge_blocker(self, layer: LayerInfo) -> str | None:
         """Why no weight of the base's shape can hold B·A, or None."""
+        return None
+
+    def dora_norm_delta(self, call: Callable, layer: LayerInfo, a: Any, b: Any, r: int) -> Any | None:
+        """The tensor (rows layout, unscaled) that PEFT's DoRA adds, times the scaling, to `rows(W)`
+        before taking each output channel's norm, when that tensor is not this kind's `B·A`; None
+        when it is (the variant then uses its factored norm of `W + s·B·A`, which never builds it).
+
+        `a`, `b` are the factors in PEFT's stored shapes, and `call(op, *args)` applies an aten op:
+        to tensors (the magnitude's init) or, given a `GraphBuilder.call`, as graph nodes, so one
+        definition serves both."""
         return None
 
     # -- the weight's layout -------------------------------------------------------------------

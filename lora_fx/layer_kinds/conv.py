@@ -79,6 +79,19 @@ class ConvKind(LayerKind):
             return f"the base conv has groups={layer.groups} and B·A connects every input channel group"
         return None
 
+    def dora_norm_delta(self, call, layer, a, b, r):
+        if layer.groups == 1:
+            return None
+        # PEFT's DoRA flattens lora_B (out, r/G, 1, …) to (out/G, r) and lora_A (r, in, *k) to
+        # (r, in·k), and reads their product (out/G, in·k) in the grouped weight's shape: row o of
+        # the result is the (o mod G)-th of the G slices of product row (o div G). That is not the
+        # adapter's contribution to channel o (B·A has no grouped form: it reads every input channel),
+        # but it is the norm PEFT's adapters are trained under, so it is the one computed here.
+        # It has the grouped weight's size (1/G of a dense conv's), and no [out, in·k] tensor arises.
+        product = call(aten.mm.default, call(aten.reshape.default, b, [-1, r]),
+                       call(aten.reshape.default, a, [r, -1]))
+        return call(aten.reshape.default, product, [layer.out_features, -1])
+
     def rows_node(self, b, layer, weight):
         return b.call(aten.reshape.default, weight, [layer.out_features, -1])
 

@@ -6,15 +6,19 @@ per output channel (Linear / Conv1D rows, Conv output channels over all other di
 columns, as PEFT does), with the norm computed in fp32, detached, clamped below by eps (1e-12;
 1e-6 for half-precision weights), and never from a materialised `B·A`:
 `‖W + sBA‖² = ‖W‖² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)` — the largest tensor the
-norm path creates is [out, r]. The base output is reused (its bias subtracted); only with
-adapter dropout in training does PEFT's form need the base applied to the dropped input, and then
-that is what we compute.
+norm path creates is [out, r]. Grouped convs are the exception: there PEFT normalises `W + s·Δ`
+with Δ its reshape of the flattened B times A across channel groups (not `B·A`, which has no
+grouped form); the kind builds that Δ (`LayerKind.dora_norm_delta`, the grouped weight's size)
+and the norm is taken of the sum, as PEFT does (docs/dora.md). The base output is reused (its
+bias subtracted); only with adapter dropout in training does PEFT's form need the base applied
+to the dropped input, and then that is what we compute.
 
 Lowering is device-aware: CUDA sites call `lora_fx::dora_norm` / `lora_fx::dora_compose` (Triton);
 CPU sites emit the same math as aten ops (Inductor fuses it; `triton_op` graphs need a GPU driver).
 
 Tensors (PEFT's keys): LoRA's, plus `lora_magnitude_vector` of shape (out,) — (1, out, 1, …) for
-convs, (embedding_dim,) for embeddings — initialised to `‖W + s·B·A‖` of the base weight.
+convs, (embedding_dim,) for embeddings — initialised to the norm the graph computes (`‖W + s·B·A‖`;
+grouped convs: `‖W + s·Δ‖`) of the base weight.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LoraConfig
-from ..errors import ConfigError, UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError
 from ..kernels import ops as _ops  # noqa: F401  (registers the lora_fx:: ops)
 from ..layers import LayerInfo
 from ..rules import Resolved
@@ -53,16 +57,6 @@ class DoraVariant(LoraVariant):
     def claims(self, cfg: LoraConfig) -> bool:
         return bool(cfg.use_dora)
 
-    def check(self, res: Resolved, cfg: LoraConfig) -> None:
-        super().check(res, cfg)
-        layer = res.layer
-        if layer.kind.merge_blocker(layer) is not None:
-            # PEFT runs this case, but its norm reshapes B·A across channel groups (a tensor that is
-            # not the layer's effective weight); we neither copy that nor silently differ from it.
-            raise ConfigError(f"{layer.name}: DoRA on a grouped conv (groups={layer.groups}) is not supported: "
-                              "B·A has no grouped form, and PEFT's norm for this case is not the effective "
-                              "weight's; exclude the layer (exclude_modules) or use plain LoRA for it")
-
     def tensors(self, res: Resolved, cfg: LoraConfig) -> dict[str, TensorSpec]:
         specs = super().tensors(res, cfg)
         specs[MAGNITUDE] = TensorSpec(res.layer.kind.magnitude_shape(res.layer))
@@ -70,9 +64,14 @@ class DoraVariant(LoraVariant):
 
     def init_from_base(self, tensors, weight, res: Resolved, cfg: LoraConfig) -> None:
         kind = res.layer.kind
-        a, b = kind.factor_matrices(*(tensors[k].detach() for k in kind.factor_keys()))
+        factors = [tensors[k].detach() for k in kind.factor_keys()]
         w = kind.rows(weight).float()
-        norm = (w + res.scaling * (b.float() @ a.float())).norm(dim=1)
+        # The same tensor the graph's norm adds to W (see `_norm`), so a fresh adapter has g = 1.
+        delta = kind.dora_norm_delta(_eager, res.layer, *(f.float() for f in factors), res.r)
+        if delta is None:
+            a, b = kind.factor_matrices(*factors)
+            delta = b.float() @ a.float()
+        norm = (w + res.scaling * delta).norm(dim=1)
         tensors[MAGNITUDE].copy_(norm.view(tensors[MAGNITUDE].shape))
 
     # -- graph -----------------------------------------------------------------------------------
@@ -121,13 +120,19 @@ class DoraVariant(LoraVariant):
         return b.cast(out, out_dtype, b.dtype_of(out, out_dtype))
 
     def _norm(self, b, site: SiteCall, params, scale, use_ops: bool, r: int):
-        """‖W + s·B·A‖ per output channel, fp32, detached, from [out, r] pieces only."""
+        """‖W + s·B·A‖ per output channel, fp32, detached, from [out, r] pieces only — or, where the
+        kind says PEFT normalises another tensor than `B·A` (grouped convs), `_norm_of_delta`."""
         layer = site.layer
         w_dtype = b.dtype_of(site.weight, layer.weight_dtype)
         w = layer.kind.rows_node(b, layer, site.weight)              # a view: [out, in·k]
         a_key, b_key = layer.kind.factor_keys()
-        a = _matrix(b, b.call(aten.detach.default, params[a_key]), r)                 # [r, in·k]
-        bb = _matrix(b, b.call(aten.detach.default, params[b_key]), layer.out_features)  # [out, r]
+        a_detached = b.call(aten.detach.default, params[a_key])
+        b_detached = b.call(aten.detach.default, params[b_key])
+        delta = layer.kind.dora_norm_delta(b.call, layer, a_detached, b_detached, r)
+        if delta is not None:
+            return _norm_of_delta(b, w, delta, scale, w_dtype)
+        a = _matrix(b, a_detached, r)                                # [r, in·k]
+        bb = _matrix(b, b_detached, layer.out_features)              # [out, r]
         a32 = b.cast(a, torch.float32, b.dtype_of(a, torch.float32))
         b32 = b.cast(bb, torch.float32, b.dtype_of(bb, torch.float32))
         w = b.call(aten.detach.default, w)
@@ -168,6 +173,22 @@ class DoraVariant(LoraVariant):
         """`W = W' / g − s·B·A` with the `g` of the merge (not bit-exact: W' was rounded)."""
         full = merged.float() / layer.kind.channel_view(undo, merged)
         return (full - self.delta_weight(merged, tensors, scaling, layer)).to(merged.dtype)
+
+
+def _norm_of_delta(b, w_rows, delta, scale, w_dtype: torch.dtype):
+    """‖W + s·Δ‖ per row for a kind-given Δ (rows layout, adapter dtype, built from detached
+    factors), fp32, detached, clamped below by eps. Δ is formed in the adapter dtype, as PEFT forms
+    it; the sum and the norm are fp32 (adding a half W to the fp32 Δ promotes it)."""
+    delta32 = b.cast(delta, torch.float32, b.dtype_of(delta, torch.float32))
+    full = b.call(aten.add.Tensor, b.call(aten.detach.default, w_rows),
+                  b.call(aten.mul.Tensor, delta32, b.call(aten.detach.default, scale)))
+    norm = b.call(aten.linalg_vector_norm.default, full, 2, [1], False, dtype=torch.float32)
+    return b.call(aten.clamp_min.default, norm, norm_eps(w_dtype))
+
+
+def _eager(op, *args):
+    """`call` for `LayerKind.dora_norm_delta` on tensors: apply the op now."""
+    return op(*args)
 
 
 def _matrix(b, node, rows: int):
