@@ -311,6 +311,9 @@ class AdapterSet:
         if new_variant is not old_variant:
             raise AdapterFileError(f"{source}: a {new_variant.name!r} adapter cannot be loaded over "
                                    f"{old_variant.name!r} adapters; build a new backend / program for it")
+        if new_variant.baked(cfg) != old_variant.baked(self.cfg):
+            raise AdapterFileError(f"{source}: {new_variant.baked(cfg)}, but the graphs were built with "
+                                   f"{old_variant.baked(self.cfg)}; build a new backend / program for it")
         if cfg.bias != self.cfg.bias:
             raise AdapterFileError(f"{source}: bias={cfg.bias!r}, but these adapters were made with "
                                    f"bias={self.cfg.bias!r} (which base biases train)")

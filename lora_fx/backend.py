@@ -9,6 +9,7 @@ gradients flow to them through AOTAutograd like to any input.
 
 from __future__ import annotations
 
+import inspect
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from .call_inputs import user_input_names
 from .config import LoraConfig
 from .distributed import check_attachable, check_synchronised
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
-from .graph_builder import copy_graph_module, graph_fake_mode
+from .graph_builder import copy_graph_module, graph_fake_mode, node_value
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
 from .layers import without_wrappers
 from .passes.differentiate_base_ops import differentiate_base_ops
@@ -96,6 +97,7 @@ class LoraBackend:
         self._attached: AttachedModel | None = None
         self._param_names: dict[int, list[str]] | None = None  # id(parameter) -> its names in the model
         self._renames: dict[int, tuple] = {}  # id(parameter) -> (weakref, graph name, Rename)
+        self._carried: dict[str, torch.Tensor] = {}  # state crossing calls (`call_inputs.CarriedState`)
         self.graphs_compiled = 0
 
     @property
@@ -283,7 +285,8 @@ class LoraBackend:
             if key not in compiled:
                 compiled[key] = build(key, list(args))
             fn, feeds = compiled[key]
-            return fn(*args, *feeds.values(self._attached.registration if self._attached is not None else None))
+            fed = feeds.values(self._attached.registration if self._attached is not None else None, args)
+            return feeds.keep_carried(fn(*args, *fed))
 
         return run
 
@@ -379,24 +382,33 @@ class LoraBackend:
         cache: dict[tuple[str, str], fx.Node] = {}
         last = [placeholders[-1]]
 
+        def new_input(name: str, val) -> fx.Node:
+            # Fed inputs follow the graph's own, in the order they are made (`Feeds` keeps it).
+            with graph.inserting_after(last[0]):
+                node = graph.placeholder(name)
+            if val is not None:
+                node.meta["val"] = node.meta["example_value"] = val
+            last[0] = node
+            return node
+
         def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
             if (owner, key) not in cache:
-                with graph.inserting_after(last[0]):
-                    node = graph.placeholder(f"lora_{sanitize(owner)}_{sanitize(key)}".lower())
-                if fake_mode is not None:
-                    node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-                    node.meta["example_value"] = node.meta["val"]
-                last[0] = node
+                val = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else None
+                node = new_input(f"lora_{sanitize(owner)}_{sanitize(key)}".lower(), val)
                 cache[owner, key] = node
                 values[node] = tensor
                 feeds.add(owner, key, tensor)
             return cache[owner, key]
 
+        carry = _Carry(feeds, new_input, placeholders, example_inputs, values, self._carried)
+
         # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
         needs_grad = torch.is_grad_enabled() or not self.inference_form
         if with_adapters:
             inject_adapters(work, site_nodes, self.adapters, provide, training=training,
-                            user_inputs=user_input_names(placeholders), needs_grad=needs_grad)
+                            user_inputs=user_input_names(placeholders, positional=self._forward_arguments()),
+                            needs_grad=needs_grad, carry=carry)
+            carry.finish(graph)
         substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
                                  provide)
         if with_adapters and needs_grad:  # after both: the trained inputs are the INPUT-marked ones
@@ -410,6 +422,18 @@ class LoraBackend:
         examples = [n.meta.get("val", values[n]) for n in new_inputs]
         fn = self._compile(work, example_inputs + examples)
         return fn, feeds
+
+    def _forward_arguments(self) -> list[str] | None:
+        """The attached model's `forward` parameters that can be given by position (names the
+        inputs of a graph whose frame takes `*args`); None without a model."""
+        if self._model is None:
+            return None
+        try:
+            signature = inspect.signature(unwrap(self._model).forward)
+        except (TypeError, ValueError):
+            return None
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [p.name for p in signature.parameters.values() if p.kind in kinds]
 
     def _adopt_sites(self, site_nodes: list[fx.Node], named: RenamedGraph, example_inputs) -> None:
         """No model attached: create (or load) adapters for the layers this graph holds."""
@@ -510,22 +534,98 @@ class Feeds:
     """What the inputs a compiled graph gained read at every call: the tensor registered in the
     attached model now (a wrapper such as FSDP2 swaps its own in), else the tensor itself (new
     values are copied into it). Where each one is read is resolved once per registration (a
-    detach / attach replaces it)."""
+    detach / attach replaces it). Carried state (`call_inputs.CarriedState`) is read from, and its
+    new value kept in, the backend's store: the graph returns it after the model's outputs."""
 
     def __init__(self):
-        self._items: list[tuple[str, str, torch.Tensor]] = []
+        self._items: list[tuple[str, str, torch.Tensor] | _CarriedInput] = []
         self._resolved_for: object = self  # no registration resolved yet (None is one: detached)
-        self._slots: list[tuple[dict, str]] = []
+        self._slots: list[tuple[dict, str] | _CarriedInput] = []
+        self._carried_out: list[str] = []  # keys of the graph's extra outputs, in order
+        self._store: dict[str, torch.Tensor] = {}
 
     def add(self, owner: str, key: str, tensor: torch.Tensor) -> None:
         self._items.append((owner, key, tensor))
 
-    def values(self, registration) -> list[torch.Tensor]:
+    def add_carried(self, item: _CarriedInput) -> None:
+        self._items.append(item)
+        self._resolved_for = self
+
+    def carry_out(self, key: str, store: dict[str, torch.Tensor]) -> None:
+        self._carried_out.append(key)
+        self._store = store
+
+    def values(self, registration, args=()) -> list[torch.Tensor]:
         if registration is not self._resolved_for:
-            self._slots = [(registration.slot(owner, key) if registration is not None else None) or ({key: t}, key)
-                           for owner, key, t in self._items]
+            self._slots = [item if isinstance(item, _CarriedInput) else
+                           (registration.slot(item[0], item[1]) if registration is not None else None)
+                           or ({item[1]: item[2]}, item[1]) for item in self._items]
             self._resolved_for = registration
-        return [where[key] for where, key in self._slots]
+        return [slot.value(args) if isinstance(slot, _CarriedInput) else slot[0][slot[1]] for slot in self._slots]
+
+    def keep_carried(self, outputs):
+        """The model's outputs, after storing the carried values the graph appended to them."""
+        if not self._carried_out:
+            return outputs
+        n = len(self._carried_out)
+        for key, value in zip(self._carried_out, outputs[-n:], strict=True):
+            self._store[key] = value.detach()
+        return type(outputs)(outputs[:-n]) if isinstance(outputs, tuple) else outputs[:-n]
+
+
+@dataclass
+class _CarriedInput:
+    """A carried graph input: the stored value if it fits this call's batch, else all False."""
+
+    key: str
+    batch_index: int  # the graph input whose first dimension is the batch
+    store: dict[str, torch.Tensor]
+
+    def value(self, args) -> torch.Tensor:
+        like = args[self.batch_index]
+        held = self.store.get(self.key)
+        if held is None or held.shape[0] != like.shape[0] or held.device != like.device:
+            return torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+        return held
+
+
+class _Carry:
+    """The backend's `CarriedState` for one graph being built: inputs fed from, and outputs kept
+    in, `store` (shared by every graph of this backend: a decode step reads what the prefill left)."""
+
+    def __init__(self, feeds: Feeds, new_input, placeholders, example_inputs, values, store):
+        self.feeds, self.new_input, self.store, self.values = feeds, new_input, store, values
+        self.index = {node: i for i, node in enumerate(placeholders)}
+        self.examples = example_inputs
+        self.outputs: list[fx.Node] = []
+
+    def input(self, key: str, batch_of: fx.Node) -> fx.Node:
+        index = self.index[batch_of]
+        item = _CarriedInput(key, index, self.store)
+        like = node_value(batch_of)
+        val = None
+        if is_fake(like):  # the batch size stays the input's own (symbolic where it is dynamic)
+            with like.fake_mode:
+                val = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+        node = self.new_input(f"lora_carried_{sanitize(key)}", val)
+        self.values[node] = item.value(self.examples)
+        self.feeds.add_carried(item)
+        return node
+
+    def output(self, key: str, node: fx.Node) -> None:
+        self.outputs.append(node)
+        self.feeds.carry_out(key, self.store)
+
+    def finish(self, graph: fx.Graph) -> None:
+        """Append the carried values to the graph's outputs (`Feeds.keep_carried` takes them off)."""
+        if not self.outputs:
+            return
+        out = graph.output_node()
+        results = out.args[0]
+        if not isinstance(results, (tuple, list)):
+            raise LoraFxError("internal: a Dynamo graph returns a tuple; this one returns "
+                              f"{type(results).__name__}")  # pragma: no cover
+        out.args = (type(results)([*results, *self.outputs]),)
 
 
 @dataclass(frozen=True)

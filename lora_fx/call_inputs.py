@@ -13,22 +13,34 @@ shapes do under static shapes).
 - `derived(key, build)`: a value built once per graph from user inputs and shared by every site
   that asks for the same key (an aLoRA mask is computed once, not once per layer). It is built
   just before the first site that asks, so every later site can read it.
+- `carried(key, batch_of=...)` / `carry_forward(key, node)`: a per-row value that crosses calls
+  (aLoRA's "this row was invoked" while generating with a KV cache, where a decode step sees only
+  the new token). The graph reads the value the previous call left, and leaves its own; rows start
+  False, and a call with another batch size starts afresh. Routes that run one call at a time with
+  no state (exported programs) do not offer it: asking raises, naming who asked.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Protocol
 
 import torch.fx as fx
 
-from .errors import LoraFxError
+from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import GraphBuilder
 
+# Dynamo's sources of a frame's inputs: `L['x']`, `L['kwargs']['x']` (a `**kwargs` frame: the
+# module's `__call__`, a decorated `forward`), `L['args'][i]` (a `*args` frame).
 _SOURCE = re.compile(r"^L\[['\"]([^'\"]+)['\"]\]$")
+_KWARG = re.compile(r"^L\[['\"]kwargs['\"]\]\[['\"]([^'\"]+)['\"]\]$")
+_ARG = re.compile(r"^L\[['\"]args['\"]\]\[(\d+)\]$")
+_MODULE_ARG = re.compile(r"^L\[['\"]args['\"]\]\[0\]\.")  # `args[0]` is the module itself (`__call__`)
 
 
-def user_input_names(placeholders: list[fx.Node], user: set[str] | None = None) -> dict[str, fx.Node]:
+def user_input_names(placeholders: list[fx.Node], user: set[str] | None = None,
+                     positional: list[str] | None = None) -> dict[str, fx.Node]:
     """argument name -> placeholder, for the placeholders that are the model's own inputs.
 
     Args:
@@ -36,27 +48,51 @@ def user_input_names(placeholders: list[fx.Node], user: set[str] | None = None) 
         user: the names of the user-input placeholders, where the route knows them (an exported
             program's signature); else Dynamo's sources tell them apart from parameters, and in a
             GraphModule every placeholder is a user input.
+        positional: the model's `forward` parameter names, in order (names inputs given by position
+            to a `*args` frame); without them such inputs are not named.
     """
     out: dict[str, fx.Node] = {}
+    sources = {node: getattr(node.meta.get("grapharg"), "source", None) for node in placeholders}
+    module_first = any(s is not None and _MODULE_ARG.match(s.name) for s in sources.values())
     for node in placeholders:
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        if source is not None:
-            m = _SOURCE.match(source.name)
-            if m is not None:
-                out[m.group(1)] = node
+        source = sources[node]
+        if source is None:
+            if user is None or node.name in user:
+                out[node.name] = node
             continue
-        if user is None or node.name in user:
-            out[node.name] = node
+        m = _SOURCE.match(source.name) or _KWARG.match(source.name)
+        if m is not None and m.group(1) not in ("args", "kwargs"):
+            out[m.group(1)] = node
+            continue
+        m = _ARG.match(source.name)
+        if m is not None and positional is not None:
+            index = int(m.group(1)) - module_first
+            if 0 <= index < len(positional):
+                out.setdefault(positional[index], node)
     return out
+
+
+class CarriedState(Protocol):
+    """A route's way of carrying per-row values between calls (the backend implements it)."""
+
+    def input(self, key: str, batch_of: fx.Node) -> fx.Node:
+        """A new graph input: `key`'s value from the previous call, bool of shape [batch], where
+        batch is `batch_of`'s first dimension (a user input)."""
+
+    def output(self, key: str, node: fx.Node) -> None:
+        """Make `node` (bool, [batch]) the value the next call reads as `key`."""
 
 
 class CallValues:
     """Per-call values for the sites of one graph; see the module docstring."""
 
-    def __init__(self, graph: fx.Graph, user_inputs: dict[str, fx.Node], fake_mode=None):
+    def __init__(self, graph: fx.Graph, user_inputs: dict[str, fx.Node], fake_mode=None,
+                 carry: CarriedState | None = None):
         self.graph = graph
         self.user_inputs = user_inputs
         self.fake_mode = fake_mode
+        self.carry = carry
+        self._carried: dict[str, fx.Node] = {}
         self._derived: dict[str, fx.Node] = {}
         # (node, the layer whose site built it): derived nodes are part of the adapters (merging
         # removes them with the last adapter that reads them).
@@ -84,3 +120,23 @@ class CallValues:
             self._derived[key] = build(builder)
             self.created += [(n, self.layer) for n in builder.created]
         return self._derived[key]
+
+    def carried(self, key: str, *, batch_of: fx.Node, needed_by: str = "this adapter") -> fx.Node:
+        """The per-row bool `key` as the previous call left it (all False at first, and whenever
+        the batch size changes).
+
+        Raises:
+            UnsupportedFeatureError: this route keeps no state between calls.
+        """
+        if self.carry is None:
+            raise UnsupportedFeatureError(
+                f"{needed_by} needs state carried from one call to the next (a KV-cache decode step sees only the "
+                "new tokens), which an exported program does not keep; run the model through lora_fx.backend, or "
+                "export a program that takes whole sequences (no position_ids / cache_position input)")
+        if key not in self._carried:
+            self._carried[key] = self.carry.input(key, batch_of)
+        return self._carried[key]
+
+    def carry_forward(self, key: str, node: fx.Node) -> None:
+        """Make `node` the value the next call reads as `carried(key)` (one writer per key)."""
+        self.carry.output(key, node)

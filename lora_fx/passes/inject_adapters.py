@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from ..adapters import SCALING_KEY, AdapterSet
-from ..call_inputs import CallValues
+from ..call_inputs import CallValues, CarriedState
 from ..graph_builder import GraphBuilder, graph_fake_mode
 from ..marks import ADAPTER, BASE, CONFIG, INPUT, OUTPUT, config_mark, set_mark
 from ..variants import SiteCall
@@ -38,12 +38,13 @@ Provide = Callable[[str, str, torch.Tensor], fx.Node]
 
 def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
                     *, training: bool = False, user_inputs: dict[str, fx.Node] | None = None,
-                    needs_grad: bool = True, recompile: bool = True) -> int:
+                    needs_grad: bool = True, recompile: bool = True, carry: CarriedState | None = None) -> int:
     """Rewrite `gm` in place; return the number of sites adapted. `recompile=False` leaves `gm`'s
-    code stale, for a caller that builds a new module over the graph anyway (an ExportedProgram)."""
+    code stale, for a caller that builds a new module over the graph anyway (an ExportedProgram).
+    `carry`: the route's state between calls (`call_inputs.CarriedState`), where it keeps one."""
     fake_mode = graph_fake_mode(gm.graph)
     recorded = config_mark(adapters.cfg.to_peft_dict(), training)
-    call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode)
+    call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode, carry)
     storage = adapters.storage_names()
     # base output -> the node now standing for it. A module-boundary site's input was recorded
     # when targets were found; if it is an earlier site's output, its adapter reads the new one.

@@ -75,6 +75,11 @@ class Variant:
     fallback: bool = False  # True only for plain LoRA: asked last, claims every config
     needs_base_weight: bool = False  # True: `init_from_base` runs after `init` with the base weight
 
+    def baked(self, cfg: LoraConfig) -> str:
+        """The config values this variant builds into graphs as constants (aLoRA's invocation
+        tokens), as `field=value` text; an adapter loaded later must have the same ones."""
+        return ""
+
     def init_from_base(self, tensors: dict[str, torch.Tensor], weight: torch.Tensor, res: Resolved,
                        cfg: LoraConfig) -> None:
         """Initialise tensors that depend on the base weight (DoRA's magnitude)."""

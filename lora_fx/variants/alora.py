@@ -1,0 +1,130 @@
+"""Activated LoRA (aLoRA, `alora_invocation_tokens=[...]`): the adapter applies from the invocation on.
+
+Per row of the batch, the adapter's delta is added only at the tokens from the start of the
+**last** occurrence of the invocation token sequence in `input_ids` onward; a row without it runs
+the base model (PEFT's semantics). Everything before the invocation is the base model's, so the
+base model's KV cache of a shared prefix can be reused.
+
+PEFT finds the offsets in Python (`.item()` loops over matches) and applies the adapter by boolean
+indexing: neither compiles without graph breaks. Here the offsets are graph values, computed once
+per graph from `input_ids` (`call_inputs.CallValues.derived`):
+
+    windows = pad(input_ids, L-1, value=-1).unfold(1, L, 1)       # [B, T, L]: the L tokens at t
+    match[b, t] = all_j windows[b, t, j] == tokens[j]
+    last[b]     = max_t where(match, t, -1)                        # -1: never invoked
+    mask[b, t]  = last[b] >= 0 and t >= last[b]
+
+and the delta is multiplied by the mask: no data-dependent shapes, nothing recompiles when the
+invocation moves. Masked-out tokens get `base + 0`: exactly the base model's values.
+
+Generating with a KV cache, a decode step sees only its new tokens, not the invocation. When the
+graph has `position_ids` (transformers' `generate` passes them) or `cache_position`, a row whose
+positions include 0 starts a sequence (the mask above, from its own tokens); any other row
+continues one, and all its tokens follow whether the sequence's invocation was seen, a per-row
+bool the route carries from call to call (`CallValues.carried`) — PEFT's behaviour, where the
+offsets found in the prompt hold for every generated token. Exported programs carry no state, so
+aLoRA there takes whole sequences only (a program with such position inputs is refused).
+
+Only linear layers (Linear, GPT-2 Conv1D, bitsandbytes Linear), as PEFT: the mask is per token,
+which needs the layer's input rows to be the model's tokens. Merging is refused: no weight can
+express a token-dependent adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..graph_builder import node_value
+from ..rules import Resolved
+from . import register
+from .base import SiteCall
+from .lora import LoraVariant, params_dtype
+
+aten = torch.ops.aten
+CARRIED_KEY = "alora_invoked"
+# Model inputs that tell a sequence's first call from a continuation (first positions are 0).
+POSITION_INPUTS = ("position_ids", "cache_position")
+
+
+class ALoraVariant(LoraVariant):
+    name = "alora"
+    fallback = False
+
+    def claims(self, cfg: LoraConfig) -> bool:
+        return bool(cfg.alora_invocation_tokens)
+
+    def check(self, res: Resolved, cfg: LoraConfig) -> None:
+        super().check(res, cfg)
+        kind = res.layer.kind
+        if not kind.linear_family or kind.targets_parameter:
+            raise ConfigError(f"{res.layer.name}: aLoRA adapts linear layers only (as PEFT), not a {kind.name}: its "
+                              "mask is per token, and this layer's input rows are not the model's tokens; exclude it "
+                              "from target_modules")
+
+    def baked(self, cfg: LoraConfig) -> str:
+        return f"alora_invocation_tokens={list(cfg.alora_invocation_tokens)}"
+
+    def merge_blocker(self, res: Resolved, cfg: LoraConfig) -> str | None:
+        return ("aLoRA is token-dependent (the adapter applies only from the invocation tokens on, per row), which "
+                "no merged weight can express")
+
+    def emit(self, b, site: SiteCall, res: Resolved, cfg: LoraConfig, params, scale):
+        layer = site.layer
+        tokens = list(cfg.alora_invocation_tokens)
+        values = site.call_values
+        mask = values.derived(f"alora_mask:{tokens}", lambda mb: invocation_mask(mb, values, tokens, layer.name))
+        out_dtype = b.dtype_of(site.base_out, layer.weight_dtype)
+        adapter_dtype = params_dtype(params)
+        x = layer.kind.adapter_input(b, site.x, adapter_dtype, layer.weight_dtype,
+                                     cfg.lora_dropout if site.training else 0.0)
+        # PEFT scales after B when the adapter has a bias or runs in a wider dtype; else the rank-r
+        # intermediate is scaled (less work; equal up to rounding, as plain LoRA does).
+        scale_early = "lora_B.bias" not in params and adapter_dtype == out_dtype
+        delta = self.adapter_product(b, layer, x, params, scale if scale_early else None)
+        if not scale_early:
+            delta = b.call(aten.mul.Tensor, delta, scale)
+        shape = b.shape_of(delta) or b.shape_of(site.x)
+        per_row = b.call(aten.unsqueeze.default, mask, -1)
+        if shape is not None and len(shape) == 2:  # a flattened [batch·tokens, features] input
+            per_row = b.call(aten.reshape.default, mask, [-1, 1])
+        delta = b.call(aten.mul.Tensor, delta, b.cast(per_row, adapter_dtype, torch.bool))
+        out = b.call(aten.add.Tensor, site.base_out, delta)
+        if adapter_dtype != out_dtype:  # summed in the wider dtype, rounded once (as PEFT's `+=`)
+            return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
+        return out
+
+
+def invocation_mask(b, values, tokens: list[int], layer: str):
+    """`[batch, tokens]` bool: where the adapter applies (see the module docstring)."""
+    needed_by = f"{layer}: aLoRA (alora_invocation_tokens)"
+    ids = values.user_input("input_ids", needed_by=needed_by)
+    n = len(tokens)
+    padded = b.call(aten.constant_pad_nd.default, ids, [0, n - 1], -1) if n > 1 else ids
+    windows = b.call(aten.unfold.default, padded, 1, n, 1)                    # [B, T, n]
+    match = None
+    for j, token in enumerate(tokens):
+        eq = b.call(aten.eq.Scalar, b.call(aten.select.int, windows, 2, j), token)
+        match = eq if match is None else b.call(aten.logical_and.default, match, eq)
+    length = b.call(aten.sym_size.int, ids, 1)
+    device = node_value(ids).device
+    positions = b.call(aten.arange.default, length, dtype=torch.int64, device=device)      # [T]
+    last = b.call(aten.amax.default, b.call(aten.where.ScalarOther, match, positions, -1), [1])  # [B]
+    found = b.call(aten.ge.Scalar, last, 0)
+    after = b.call(aten.ge.Tensor, positions, b.call(aten.unsqueeze.default, last, 1))       # [B, T]
+    mask = b.call(aten.logical_and.default, after, b.call(aten.unsqueeze.default, found, 1))
+    position_input = next((values.user_inputs[k] for k in POSITION_INPUTS if k in values.user_inputs), None)
+    if position_input is None:  # every call is a whole sequence
+        return mask
+    # A row starts a sequence where its positions include 0; elsewhere it continues the last one.
+    starts = b.call(aten.any.dim, b.call(aten.eq.Scalar, position_input, 0), -1)   # [B] or [] (cache_position)
+    invoked = values.carried(CARRIED_KEY, batch_of=ids, needed_by=needed_by)
+    values.carry_forward(CARRIED_KEY, b.call(aten.where.self, starts, found, invoked))
+    continued = b.call(aten.unsqueeze.default, b.call(aten.logical_and.default,
+                                                      b.call(aten.logical_not.default, starts), invoked), -1)
+    fresh = b.call(aten.logical_and.default, mask, b.call(aten.unsqueeze.default, starts, -1))
+    return b.call(aten.logical_or.default, fresh, continued)
+
+
+register(ALoraVariant())

@@ -1,0 +1,167 @@
+"""aLoRA (`alora_invocation_tokens`): PEFT's activated LoRA, with the invocation found in the graph.
+
+Reference: PEFT's `PeftModelForCausalLM` (forward, and greedy `generate` with a KV cache). The
+mask is computed from `input_ids` inside the graph, so moving the invocation recompiles nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_close, peft_adapter, peft_adapter_grads, tiny_llama
+from torch._dynamo.utils import counters
+
+import lora_fx
+from lora_fx.errors import ConfigError, UnsupportedFeatureError
+from lora_fx.marks import ADAPTER, get_mark
+
+aten = torch.ops.aten
+INV = [5, 6, 7]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def _ids(seed: int, places: dict[int, list[int]], batch: int = 4, length: int = 12) -> torch.Tensor:
+    """Token ids in [10, 100) (never an invocation token) with the invocation at `places[row]`."""
+    ids = torch.randint(10, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+    for row, starts in places.items():
+        for s in starts:
+            ids[row, s:s + len(INV)] = torch.tensor(INV)
+    return ids
+
+
+# mid-sequence; twice (the last one counts); never; at the very end
+IDS = _ids(0, {0: [3], 1: [1, 7], 3: [9]})
+MOVED = _ids(1, {0: [0], 1: [5], 2: [2, 8]})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = tiny_llama()
+    peft_model, path = peft_adapter(base, tmp_path_factory.mktemp("alora"), r=4, lora_alpha=8,
+                                    target_modules=TARGETS, alora_invocation_tokens=INV, task_type="CAUSAL_LM")
+    with torch.no_grad():  # a strong adapter: generated tokens differ from the base model's
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(30)
+    peft_model.save_pretrained(path)
+    return base, peft_model, path
+
+
+def _attached(base, path):
+    lora = lora_fx.backend(path, inner="aot_eager")
+    model = copy.deepcopy(base)
+    lora.attach(model)
+    return lora, model
+
+
+def test_backend_forward_and_grads_equal_peft_and_moving_the_invocation_recompiles_nothing(reference):
+    base, peft_model, path = reference
+    lora, model = _attached(base, path)
+    fast = torch.compile(model, backend=lora, fullgraph=True)
+    counters.clear()
+    for ids in (IDS, MOVED):
+        with torch.no_grad():
+            want = peft_model(input_ids=ids).logits
+            got = fast(input_ids=ids).logits
+        assert_close(got, want, "logits")
+        plain = base(input_ids=ids).logits
+        # rows never invoked are the base model's exactly; the others differ from it
+        invoked = [any((ids[r, s:s + 3] == torch.tensor(INV)).all() for s in range(10)) for r in range(len(ids))]
+        for r, inv in enumerate(invoked):
+            assert torch.equal(got[r], plain[r]) != inv, f"row {r}"
+    assert lora.graphs_compiled == 1
+    assert counters["stats"]["unique_graphs"] == 1
+
+    # gradients, training mode (PEFT's adapters receive the same ones)
+    peft_model.zero_grad()
+    model.train()
+    peft_model.train()
+    w = torch.randn(4, 12, 128, generator=torch.Generator().manual_seed(3))
+    (peft_model(input_ids=IDS).logits * w).sum().backward()
+    (fast(input_ids=IDS).logits * w).sum().backward()
+    model.eval()
+    peft_model.eval()
+    ref_grads = peft_adapter_grads(peft_model)
+    got_grads = {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert set(got_grads) == set(ref_grads)
+    for name, g in got_grads.items():
+        assert_close(g, ref_grads[name], f"grad of {name}", 1e-4)
+
+
+def test_generate_with_a_kv_cache_equals_peft_and_keeps_the_base_prefix_cache(reference):
+    base, peft_model, path = reference
+    prompt = _ids(2, {0: [3], 2: [7]}, batch=3, length=10)
+    kw = dict(use_cache=True, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt),
+              return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        want = peft_model.generate(input_ids=prompt, **kw)
+        plain = base.generate(input_ids=prompt, **kw)
+    lora, model = _attached(base, path)
+    model.forward = torch.compile(model.forward, backend=lora, fullgraph=True)
+    with torch.no_grad():
+        got = model.generate(input_ids=prompt, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert not torch.equal(got.sequences[0], plain.sequences[0])   # the adapter acted
+    assert torch.equal(got.sequences[1], plain.sequences[1])       # never invoked: the base model
+    for layer in range(len(base.model.layers)):
+        mine, theirs = got.past_key_values.layers[layer], plain.past_key_values.layers[layer]
+        # before the invocation (row 0: positions 0-2, row 2: 0-6), the base model's cache exactly
+        for row, start in ((0, 3), (2, 7)):
+            assert torch.equal(mine.keys[row, :, :start], theirs.keys[row, :, :start])
+            assert torch.equal(mine.values[row, :, :start], theirs.values[row, :, :start])
+            assert not torch.equal(mine.keys[row, :, start:], theirs.keys[row, :, start:])
+        assert torch.equal(mine.keys[1], theirs.keys[1])
+
+
+def test_exported_program_equals_peft_with_one_mask_for_all_layers(reference):
+    base, peft_model, path = reference
+    out = lora_fx.transform(torch.export.export(base, (), {"input_ids": IDS}), path)
+    run = out.module()
+    for ids in (IDS, MOVED):
+        with torch.no_grad():
+            assert_close(run(input_ids=ids).logits, peft_model(input_ids=ids).logits, "logits")
+    # Graph shape: the invocation is matched once per graph, each adapted layer masks its delta.
+    nodes = list(out.graph.nodes)
+    unfold = [n for n in nodes if n.target is aten.unfold.default]
+    assert len(unfold) == 1 and get_mark(unfold[0], ADAPTER) is not None
+    assert len([n for n in nodes if n.target is aten.eq.Scalar]) == len(INV)
+    sites = 4 * len(TARGETS)
+    masked = [n for n in nodes if n.target is aten.mul.Tensor and get_mark(n, ADAPTER) is not None]
+    assert len(masked) == 2 * sites  # the scaling and the mask, per site
+    assert not [n for n in nodes if n.target in (aten.index_put.default, aten.nonzero.default, aten.item.default)]
+
+
+def test_merge_is_refused_because_alora_is_token_dependent(reference):
+    base, _, path = reference
+    out = lora_fx.transform(torch.export.export(base, (), {"input_ids": IDS}), path)
+    with pytest.raises(UnsupportedFeatureError, match="aLoRA is token-dependent"):
+        lora_fx.merge(out)
+    lora, model = _attached(base, path)
+    with pytest.raises(UnsupportedFeatureError, match="aLoRA is token-dependent"):
+        lora.merge()
+
+
+def test_programs_with_decode_inputs_and_graphs_without_input_ids_are_refused(reference):
+    base, _, path = reference
+    ep = torch.export.export(base, (), {"input_ids": IDS, "position_ids": torch.arange(12)[None]})
+    with pytest.raises(UnsupportedFeatureError, match="state carried from one call to the next"):
+        lora_fx.transform(ep, path)
+    embeds = base.model.embed_tokens(IDS).detach()
+    ep = torch.export.export(base, (), {"inputs_embeds": embeds})
+    with pytest.raises(lora_fx.LoraFxError, match=r"needs the model input 'input_ids'.*inputs_embeds"):
+        lora_fx.transform(ep, path)
+
+
+def test_other_layer_kinds_are_refused_and_loads_keep_the_invocation(reference, tmp_path):
+    base, _, path = reference
+    cfg = lora_fx.LoraConfig(r=2, target_modules=["embed_tokens"], alora_invocation_tokens=INV)
+    with pytest.raises(ConfigError, match="embed_tokens: aLoRA adapts linear layers only"):
+        lora_fx.transform(torch.export.export(base, (), {"input_ids": IDS}), cfg)
+    other = lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, alora_invocation_tokens=[9, 9])
+    program = lora_fx.transform(torch.export.export(base, (), {"input_ids": IDS}), path)
+    other_dir = tmp_path / "other"
+    lora_fx.save_adapter(lora_fx.transform(torch.export.export(base, (), {"input_ids": IDS}), other), other_dir)
+    with pytest.raises(lora_fx.AdapterFileError, match=r"alora_invocation_tokens=\[9, 9\].*\[5, 6, 7\]"):
+        lora_fx.load_adapter(program, other_dir)
