@@ -7,26 +7,51 @@ the dispatch over kinds of object lives here and nowhere else.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
+import tempfile
+from typing import Any
 
+import torch
 from torch.export import ExportedProgram
 
+from . import init_modes, variants
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
 from .backend import LoraBackend
-from .errors import LoraFxError
+from .config import LoraConfig
+from .distributed import writes_files
+from .errors import AdapterFileError, LoraFxError, UnsupportedFeatureError
 from .graph_builder import attr_at, install_attr
-from .io import read_adapter_dir, write_adapter_dir
+from .io import CONFIG_NAME, read_adapter_dir, write_adapter_dir
 from .merging import MERGED_ATTR, unmerge
 from .program import NamedWeights, frozen, graph_base_weights
 from .program_adapters import adapters_of, is_trained_program, program_sites, record_config
 
 
-def save_adapter(obj, path: str | os.PathLike) -> None:
+def save_adapter(obj, path: str | os.PathLike, *, initial_adapter: str | os.PathLike | None = None) -> None:
     """Write the adapter of a backend / transformed program / GraphModule as a PEFT directory.
 
     Writes what `PeftModel.save_pretrained` writes for the same adapter: the adapter tensors, the
     copies of `modules_to_save`, and the base weights of targeted `embed_tokens` / `lm_head`
     layers. From a merged program, the adapter that was merged and the original base weights.
+
+    Args:
+        obj: a `LoraBackend`, or a program / GraphModule returned by `lora_fx.transform`.
+        path: the directory to write.
+        initial_adapter: PEFT's `path_initial_model_for_weight_conversion`: the directory this
+            adapter was saved to right after it was made (PiSSA, OLoRA: before training). The
+            adapter is then written as the plain LoRA it amounts to on the *original* base weights:
+            `ΔW = s·(B·A − B₀·A₀)` as rank 2r, `A' = [A; A₀]`, `B' = [B, −B₀]` (PEFT's layout), with
+            the config PEFT writes (`init_lora_weights=True`, `r`, `lora_alpha` and the patterns
+            doubled; `lora_alpha` × √2 with rsLoRA). See docs/init.md.
+
+    Raises:
+        UnsupportedFeatureError: `initial_adapter` for an adapter that has no plain-LoRA form
+            (DoRA and other variants, LoftQ, `init_lora_weights=False`, rsLoRA with rank / alpha
+            patterns, conv / embedding / parameter layers).
+        AdapterFileError: `initial_adapter` does not hold this adapter's initial factors.
 
     Example:
         >>> import torch, lora_fx, tempfile
@@ -34,9 +59,17 @@ def save_adapter(obj, path: str | os.PathLike) -> None:
         >>> ep2 = lora_fx.transform(ep, lora_fx.LoraConfig(r=2, target_modules=["0"]))
         >>> lora_fx.save_adapter(ep2, tempfile.mkdtemp() + "/adapter")
     """
+    if initial_adapter is not None:
+        _save_converted(obj, path, initial_adapter)
+        return
     if isinstance(obj, LoraBackend):
         obj.save_adapter(path)
         return
+    write_adapter_dir(path, *_adapter_files_of(obj))
+
+
+def _adapter_files_of(obj) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors) that `save_adapter` writes for a transformed program / GraphModule."""
     if _is_merged(obj):  # a merged program's weights hold the adapter: the base is the unmerged one's
         adapters, base = _merged_adapters(obj), _base_weights_of(unmerge(obj))
     else:
@@ -46,7 +79,100 @@ def save_adapter(obj, path: str | os.PathLike) -> None:
     tensors = adapters.peft_state_dict()
     for layer in adapters.base_layers_to_save(base.names):
         tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
-    write_adapter_dir(path, adapters.config_to_save(), tensors)
+    return adapters.config_to_save(), tensors
+
+
+# -- conversion to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) -----------------
+# Adapter keys the conversion knows: the 2-D factors (stacked along the rank) and lora_B's bias.
+_A_KEY, _B_KEY, _BIAS_KEY = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
+
+
+def _save_converted(obj, path, initial_adapter) -> None:
+    """`save_adapter(obj, path, initial_adapter=...)`: the adapter as saved plainly, converted."""
+    # Only its tensors count: its config may say True (PEFT's example saves the initial adapter so).
+    _, initial = read_adapter_dir(initial_adapter)
+    if isinstance(obj, LoraBackend):
+        # The backend writes its own directory (gathering sharded tensors: every process calls it);
+        # it is written next to `path`, converted, and removed.
+        parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.fspath(path))}.plain-", dir=parent)
+        try:
+            obj.save_adapter(tmp)
+            if not writes_files():
+                return
+            _, tensors = read_adapter_dir(tmp)
+            with open(os.path.join(tmp, CONFIG_NAME)) as f:
+                config = json.load(f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        config, tensors = _adapter_files_of(obj)
+    config, tensors = converted_to_plain_lora(config, tensors, initial, source=os.fspath(initial_adapter))
+    write_adapter_dir(path, config, tensors)
+
+
+def converted_to_plain_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                            initial: dict[str, torch.Tensor], *, source: str = "initial adapter",
+                            ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter (PEFT config dict and tensors) as the plain LoRA it adds to the original base
+    weights, given its initial tensors: PEFT's `subtract_mutated_init` and config rewrite.
+
+    `B·A − B₀·A₀ = [B, −B₀]·[A; A₀]`, so the result has rank 2r and the same scaling (alpha
+    doubled with r; × √2 with rsLoRA, whose scaling is alpha/√r); lora_B's bias becomes
+    `bias − bias₀`. Base weights saved with the adapter (`<layer>.base_layer.weight`) are left
+    out when the init mode rewrote them (they are not the original ones); copies of
+    `modules_to_save` are kept (PEFT drops them).
+
+    Example:
+        >>> cfg = LoraConfig(r=1, target_modules=["fc"], init_lora_weights="pissa").to_peft_dict()
+        >>> a, b = torch.ones(1, 3), torch.ones(2, 1)
+        >>> keys = {"base_model.model.fc.lora_A.weight": a, "base_model.model.fc.lora_B.weight": b}
+        >>> new_cfg, new = converted_to_plain_lora(cfg, keys, {k: v / 2 for k, v in keys.items()})
+        >>> new_cfg["r"], new_cfg["init_lora_weights"], tuple(new["base_model.model.fc.lora_B.weight"].shape)
+        (2, True, (2, 2))
+    """
+    cfg = LoraConfig.from_peft_dict(config, recorded=True)
+    mode = init_modes.mode_for(cfg.init_lora_weights)
+    problem = mode.conversion_problem()
+    if problem is None and not variants.variant_for(cfg).fallback:
+        problem = (f"it is a {variants.variant_for(cfg).name!r} adapter, which has no plain-LoRA form "
+                   "(PEFT's conversion drops its extra tensors and keeps the variant in the config)")
+    if problem is None and cfg.use_rslora and (cfg.rank_pattern or cfg.alpha_pattern):
+        problem = "rsLoRA with rank_pattern / alpha_pattern cannot keep its scalings at rank 2r (PEFT refuses it too)"
+    if problem is None and cfg.target_parameters:
+        problem = "parameter targets (target_parameters) stack their experts along the rank; there is no 2r form"
+    if problem is not None:
+        raise UnsupportedFeatureError(f"save_adapter(initial_adapter=...): {problem}")
+    out = {}
+    for key, value in tensors.items():
+        if ".lora_" not in key:
+            if not (mode.rewrites_base and key.endswith(BASE_LAYER_SUFFIX)):  # a rewritten weight: not the base's
+                out[key] = value
+            continue
+        start = initial.get(key)
+        if start is None:
+            raise AdapterFileError(f"{source}: missing key {key!r}; initial_adapter must be this adapter as saved "
+                                   "right after it was made")
+        if tuple(start.shape) != tuple(value.shape):
+            raise AdapterFileError(f"{source}: key {key!r} has shape {tuple(start.shape)}, the adapter has "
+                                   f"{tuple(value.shape)} (another rank or layer?)")
+        if key.endswith(_A_KEY) and value.dim() == 2:
+            out[key] = torch.cat([value, start.to(value.dtype)], dim=0)
+        elif key.endswith(_B_KEY) and value.dim() == 2:
+            out[key] = torch.cat([value, -start.to(value.dtype)], dim=1)
+        elif key.endswith(_BIAS_KEY):
+            out[key] = value - start.to(value.dtype)
+        else:
+            raise UnsupportedFeatureError(f"save_adapter(initial_adapter=...): key {key!r} has no rank-2r form; the "
+                                          "conversion takes linear layers' factors (the layers PiSSA / OLoRA adapt)")
+    data = dict(config)
+    data["init_lora_weights"] = True
+    data["r"] = 2 * cfg.r
+    data["lora_alpha"] = cfg.lora_alpha * (math.sqrt(2) if cfg.use_rslora else 2)
+    data["rank_pattern"] = {k: 2 * v for k, v in cfg.rank_pattern.items()}
+    data["alpha_pattern"] = {k: 2 * v for k, v in cfg.alpha_pattern.items()}
+    return data, out
 
 
 def load_adapter(obj, path: str | os.PathLike) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import variants
+from . import init_modes, variants
 from .config import ALL_LINEAR, LoraConfig
 from .distributed import copy_value, full_value
 from .errors import AdapterFileError, LoraFxError, UnsupportedFeatureError
@@ -46,6 +46,10 @@ class BaseWeights(Protocol):
         """Whether the layer is an input or output embedding (PEFT saves `<layer>.weight` for those
         only, for a resized vocabulary)."""
 
+    def sharing(self, layer: str) -> list[str]:
+        """The other layers / modules that compute with the same weight tensor (tied weights):
+        rewriting the layer's weight (PiSSA, OLoRA, LoftQ) would change them too."""
+
 
 @dataclass
 class NamedWeights:
@@ -66,6 +70,13 @@ class NamedWeights:
 
     def set(self, layer: str, value: torch.Tensor) -> None:
         self.write(self.names[layer], value)
+
+    def sharing(self, layer: str) -> list[str]:
+        # Raw parameters are layers too (`target_parameters` candidates): the layer's own weight,
+        # `<layer>.weight`, is not another user of it.
+        name = self.names.get(layer)
+        return sorted(other for other, n in self.names.items()
+                      if n == name and other != layer and not other.startswith(layer + "."))
 
 
 @dataclass
@@ -143,23 +154,35 @@ class AdapterSet:
     @classmethod
     def create(cls, cfg: LoraConfig, resolved: dict[str, Resolved], *, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None, generator: torch.Generator | None = None,
-               weights: dict[str, torch.Tensor] | None = None) -> AdapterSet:
+               weights: dict[str, torch.Tensor] | None = None, base: BaseWeights | None = None) -> AdapterSet:
         aset = cls(cfg)
-        aset.add(resolved, dtype=dtype, device=device, generator=generator, weights=weights)
+        aset.add(resolved, dtype=dtype, device=device, generator=generator, weights=weights, base=base)
         return aset
 
     def add(self, resolved: dict[str, Resolved], *, dtype=None, device=None, generator=None,
-            weights: dict[str, torch.Tensor] | None = None) -> list[str]:
+            weights: dict[str, torch.Tensor] | None = None, base: BaseWeights | None = None) -> list[str]:
         """Create adapters for the layers not yet present; return their names.
 
-        `weights` (layer -> base weight) feeds variants whose initial values depend on the base
-        weight (DoRA's magnitude)."""
+        `base` (the route's base weights; or `weights`, layer -> base weight, read-only) feeds
+        variants whose initial values depend on the base weight (DoRA's magnitude) and init modes
+        derived from it, which also rewrite it through `base` (PiSSA, OLoRA, LoftQ). Every layer is
+        checked before any is created, so a refused layer leaves the base weights as they were.
+
+        Raises:
+            ConfigError / UnsupportedFeatureError: a layer the variant or the init mode cannot
+                adapt, named.
+        """
         variant = variants.variant_for(self.cfg)
-        added = []
-        for name, res in resolved.items():
-            if name in self.entries:
-                continue
+        mode = init_modes.mode_for(self.cfg.init_lora_weights)
+        new = {name: res for name, res in resolved.items() if name not in self.entries}
+        for res in new.values():
             variant.check(res, self.cfg)
+            if mode.rewrites_base:
+                self._check_rewritable(mode, variant, res, base, device)
+        if base is not None:
+            weights = {name: base.get(name) for name in new}
+        added = []
+        for name, res in new.items():
             dt = adapter_dtype(res.layer.weight_dtype, dtype)
             dev = device if device is not None else res.layer.weight_device
             tensors = {key: nn.Parameter(torch.empty(spec.shape, dtype=dt, device=dev),
@@ -168,13 +191,41 @@ class AdapterSet:
             scaling = torch.tensor(res.scaling * self.scale_factor, dtype=torch.float32, device=dev)
             entry = AdapterEntry(res, variant, tensors, scaling)
             if str(dev) != "meta":  # meta adapters are initialised when they get storage (`follow`)
-                self._initialise(entry, (weights or {}).get(name), generator)
+                self._initialise(entry, (weights or {}).get(name), generator, base)
             self.entries[name] = entry
             added.append(name)
         return added
 
-    def _initialise(self, entry: AdapterEntry, weight: torch.Tensor | None, generator=None) -> None:
+    def _check_rewritable(self, mode: init_modes.InitMode, variant: variants.Variant, res: Resolved,
+                          base: BaseWeights | None, device) -> None:
+        """Refuse, naming the layer, an init mode that rewrites base weights where it cannot."""
+        name = res.layer.name
+        why = mode.layer_problem(res, {k: spec.shape for k, spec in variant.tensors(res, self.cfg).items()})
+        if why is None and base is not None and base.sharing(name):
+            why = (f"its weight is shared with {', '.join(map(repr, base.sharing(name)))} (tied weights), which "
+                   "rewriting it would change too")
+        if why is None and "meta" in (str(device), res.layer.weight_device):
+            why = ("the model has no weights yet (meta device); attach or transform it after loading its weights, "
+                   "since the adapter is computed from them")
+        if why is not None:
+            raise UnsupportedFeatureError(f"layer {name!r}: init_lora_weights={self.cfg.init_lora_weights!r} "
+                                          f"cannot initialise it: {why}")
+        if base is None:
+            raise LoraFxError(f"internal: layer {name!r}: init_lora_weights={self.cfg.init_lora_weights!r} rewrites "
+                              "the base weight, and no base weights were given")  # pragma: no cover
+
+    def _initialise(self, entry: AdapterEntry, weight: torch.Tensor | None, generator=None,
+                    base: BaseWeights | None = None) -> None:
+        """The variant's initial values; for init modes derived from the base weight, the factors
+        from `weight` and the rewritten weight written through `base`, before the variant's values
+        that depend on the base weight (DoRA's magnitude from the rewritten weight, PEFT's order)."""
         entry.variant.init(entry.tensors, entry.resolved, self.cfg, generator)
+        mode = init_modes.mode_for(self.cfg.init_lora_weights)
+        if mode.rewrites_base:
+            a_key, b_key = entry.resolved.layer.kind.factor_keys()
+            weight = mode.from_base(entry.tensors[a_key], entry.tensors[b_key], full_value(weight), entry.resolved,
+                                    self.cfg, generator)
+            base.set(entry.name, weight)
         if entry.variant.needs_base_weight:
             if weight is None:
                 raise LoraFxError(f"internal: {entry.name}: the {entry.variant.name} variant needs the base weight "
@@ -314,6 +365,14 @@ class AdapterSet:
         if new_variant.baked(cfg) != old_variant.baked(self.cfg):
             raise AdapterFileError(f"{source}: {new_variant.baked(cfg)}, but the graphs were built with "
                                    f"{old_variant.baked(self.cfg)}; build a new backend / program for it")
+        new_mode, old_mode = init_modes.mode_for(cfg.init_lora_weights), init_modes.mode_for(self.cfg.init_lora_weights)
+        if (new_mode.rewrites_base or old_mode.rewrites_base) and new_mode.name != old_mode.name:
+            # The base weights were rewritten for one of them (or for neither): the other's factors
+            # were trained against a different base.
+            raise AdapterFileError(
+                f"{source}: init_lora_weights={cfg.init_lora_weights!r}, but these adapters were initialised with "
+                f"{self.cfg.init_lora_weights!r}; {_rewritten_base(new_mode, old_mode)}. Build a new backend / "
+                "program from the original base for it (docs/init.md)")
         if cfg.bias != self.cfg.bias:
             raise AdapterFileError(f"{source}: bias={cfg.bias!r}, but these adapters were made with "
                                    f"bias={self.cfg.bias!r} (which base biases train)")
@@ -415,6 +474,13 @@ class AdapterSet:
         if not any(k in tm for k in EMBEDDING_LAYER_NAMES):
             return []
         return [n for n in named if n in base_names]
+
+
+def _rewritten_base(new: init_modes.InitMode, old: init_modes.InitMode) -> str:
+    """Why an adapter of init mode `new` does not fit base weights prepared for mode `old`."""
+    if old.rewrites_base:
+        return f"{old.name} rewrote the base weights, and this adapter expects them as {new.name} leaves them"
+    return f"this adapter expects base weights rewritten by {new.name}, and these are the original ones"
 
 
 def storage_prefixes(layers: Iterable[LayerInfo]) -> dict[str, str]:

@@ -90,7 +90,7 @@ class AttachedModel:
                 raise UnsupportedFeatureError(
                     f"modules_to_save: module {path!r} has persistent buffers ({', '.join(buffers[:3])}: e.g. "
                     "BatchNorm running statistics); saving modules with buffers is not supported yet")
-        adapters.add(resolved, dtype=adapter_dtype, weights=layer_weights(model, resolved))
+        adapters.add(resolved, dtype=adapter_dtype, base=ModelWeights(model))
         for path in saved_paths:
             for name, p in parameters_outside_holders(model.get_submodule(path)):
                 adapters.saved_copy(path, name, p)
@@ -277,6 +277,12 @@ class ModelWeights:
 
     def set(self, layer: str, value: torch.Tensor) -> None:
         copy_value(self.get(layer), value)
+
+    def sharing(self, layer: str) -> list[str]:
+        weight = self.get(layer)
+        own = layer if submodule_or_none(self.model, layer) is not None else layer.rpartition(".")[0]
+        return sorted({name for name, module in self.model.named_modules(remove_duplicate=False) if name != own
+                       and any(p is weight for p in module.parameters(recurse=False))})
 
     def is_embedding(self, layer: str) -> bool:
         module = self.model.get_submodule(layer)

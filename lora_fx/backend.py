@@ -456,8 +456,7 @@ class LoraBackend:
         by_name = {named.state_names[node.name]: value for node, value in values.items()
                    if node.name in named.state_names}
         base = graph_base_weights(site_nodes, by_name.get, copy_into(by_name))
-        added = self.adapters.add(resolved, dtype=self.adapter_dtype,
-                                  weights={layer: base.get(layer) for layer in resolved})
+        added = self.adapters.add(resolved, dtype=self.adapter_dtype, base=base)
         new_saved: list[str] = []
         for node in find_saved_module_reads(gm, self._saved_modules_in(gm), named.state_kind):
             for inp, (module, name) in node.meta[SAVED_READS_KEY].items():

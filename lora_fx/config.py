@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import init_modes
 from .errors import AdapterFileError, ConfigError, UnsupportedFeatureError
 from .patterns import compile_or_none, layer_index_regex, pattern_key_regex, saved_module_regex
 
@@ -21,7 +22,7 @@ ALL_LINEAR = "all-linear"
 # Keys PEFT writes that do not change what the adapter computes.
 _INERT_KEYS = {
     "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "megatron_core", "loftq_config",
+    "peft_version", "megatron_core",
 }
 
 # Keys whose non-default value selects a feature lora_fx does not implement yet: (default test, issue).
@@ -44,8 +45,6 @@ _NOT_YET = {
     # True gives a tied output layer (lm_head) the embedding's adapter too: it changes the numbers.
     "ensure_weight_tying": "ensure_weight_tying (adapting a tied lm_head with the embedding's adapter)",
 }
-
-_INIT_MODES = (True, False, "gaussian")
 
 # The modules PEFT's task models (PeftModelForSequenceClassification, ...) add to modules_to_save.
 _TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
@@ -130,7 +129,9 @@ class LoraConfig:
         bias: `"none"`, `"all"` or `"lora_only"`: which base biases train with the adapter.
         use_rslora: Scale by `lora_alpha / sqrt(r)`.
         init_lora_weights: `True` (A Kaiming-uniform, B zero), `"gaussian"` (A ~ N(0, 1/r)),
-            or `False` (both random: the adapter is not a no-op; for tests).
+            `False` (both random: the adapter is not a no-op; for tests), or a mode derived from
+            the base weight, which also rewrites it (docs/init.md): `"pissa"`, `"pissa_niter_K"`
+            (randomized SVD, K iterations), `"olora"`, `"loftq"` (with `loftq_config`).
         layers_to_transform: Layer indices (int or list) to adapt.
         layers_pattern: Name(s) of the layer container (e.g. `"layers"`, `"h"`).
         rank_pattern: Regex key -> rank, resolved as PEFT does (`$` implied, dotted prefix).
@@ -143,6 +144,8 @@ class LoraConfig:
         modules_to_save: Modules trained in full beside the adapter (a classifier head): each is
             replaced by a trainable copy, saved as `<module>.<param>`, and gets no LoRA. A name
             matches every module whose path ends with it (PEFT's rule).
+        loftq_config: PEFT's `LoftQConfig` as a dict, `{"loftq_bits": 4 or 8, "loftq_iter": n}`
+            (a `LoftQConfig` object is read as its fields); only with `init_lora_weights="loftq"`.
 
     Example:
         >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -176,6 +179,7 @@ class LoraConfig:
     use_bdlora: BdLoraConfig | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     modules_to_save: list[str] | None = None
+    loftq_config: dict[str, Any] = field(default_factory=dict)
     # PEFT keys that do not affect the computation, kept for a faithful round trip.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -193,14 +197,7 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_MODES:
-            if isinstance(self.init_lora_weights, str):
-                raise UnsupportedFeatureError(
-                    f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported yet; "
-                    "supported: True, False, 'gaussian'"
-                )
-            raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
-                              f"got {self.init_lora_weights!r}")
+        self._check_init_mode()
         if isinstance(self.target_parameters, (set, tuple)):
             self.target_parameters = sorted(self.target_parameters)
         if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
@@ -242,6 +239,19 @@ class LoraConfig:
                 raise UnsupportedFeatureError(
                     f"LoraConfig.{name}={value!r}: {feature} is not supported by lora_fx yet"
                 )
+
+    def _check_init_mode(self) -> None:
+        """`init_lora_weights` names a mode (`init_modes`), and `loftq_config` goes with it."""
+        conf = self.loftq_config
+        if conf is None:
+            conf = self.loftq_config = {}
+        if not isinstance(conf, dict):
+            fields = {k: getattr(conf, k) for k in init_modes.LOFTQ_DEFAULTS if hasattr(conf, k)}
+            if not fields:  # not PEFT's LoftQConfig either
+                raise ConfigError(f"LoraConfig.loftq_config must be a dict of LoftQConfig fields "
+                                  f"({sorted(init_modes.LOFTQ_DEFAULTS)}), got {conf!r}")
+            conf = self.loftq_config = fields
+        init_modes.mode_for(self.init_lora_weights).check_config(self)
 
     def _check_variant_fields(self) -> None:
         self.use_bdlora = BdLoraConfig.coerce(self.use_bdlora)

@@ -61,8 +61,7 @@ def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base
     layers, output_layers = graph_layers(gm, site_nodes, state_names), output_layer_names_of_graph(site_nodes)
     cfg = effective_config(cfg, layers, output_layers)
     resolved = resolve(layers, cfg, output_layers)
-    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype,
-                                 weights={layer: base.get(layer) for layer in resolved})
+    adapters = AdapterSet.create(cfg, resolved, dtype=adapter_dtype, base=base)
     for node in saved_reads:
         for inp, (module, name) in node.meta[SAVED_READS_KEY].items():
             adapters.saved_copy(module, name, original(inp))

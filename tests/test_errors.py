@@ -29,7 +29,7 @@ def test_no_match_in_exported_program():
     ("r", 0, "r must be a positive integer"),
     ("lora_dropout", 1.5, "lora_dropout"),
     ("bias", "some", "bias must be"),
-    ("init_lora_weights", "pissa", "init_lora_weights='pissa' is not supported"),
+    ("init_lora_weights", "eva", "init_lora_weights='eva': EVA initialisation is not supported"),
     ("rank_pattern", {"q_proj": -1}, r"rank_pattern\['q_proj'\]"),
 ])
 def test_bad_config_field(field, value, match):

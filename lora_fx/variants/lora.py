@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from .. import init_modes
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..graph_builder import node_value
@@ -58,34 +58,12 @@ class LoraVariant(Variant):
         return specs
 
     def init(self, tensors, res: Resolved, cfg: LoraConfig, generator=None) -> None:
-        mode = cfg.init_lora_weights
+        """The factors' values that need no base weight, by `cfg.init_lora_weights`'s mode
+        (`init_modes`); modes derived from the base weight (PiSSA, OLoRA, LoftQ) then set them from
+        it (`AdapterSet`, which can write the base weight)."""
         a_key, b_key = res.layer.kind.factor_keys()
-        with torch.no_grad():
-            if res.layer.kind.lookup:
-                a, b = tensors[a_key], tensors[b_key]
-                if mode is False:
-                    a.normal_(generator=generator)
-                else:
-                    a.zero_()
-                b.normal_(generator=generator)
-                return
-            a, b = tensors[a_key], tensors[b_key]
-            bias = tensors.get("lora_B.bias")
-            if mode is False:
-                # nn.Linear / nn.ConvNd defaults: the adapter is not a no-op (used for tests).
-                _kaiming_like_linear(a, generator)
-                _kaiming_like_linear(b, generator)
-                if bias is not None:
-                    bound = 1.0 / math.sqrt(b[0].numel())
-                    bias.uniform_(-bound, bound, generator=generator)
-                return
-            if mode == "gaussian":
-                a.normal_(0.0, 1.0 / res.r, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            b.zero_()
-            if bias is not None:
-                bias.zero_()
+        mode = init_modes.mode_for(cfg.init_lora_weights)
+        mode.init_factors(tensors[a_key], tensors[b_key], tensors.get("lora_B.bias"), res, generator)
 
     def emit(self, b, site: SiteCall, res: Resolved, cfg: LoraConfig, params, scale):
         layer = site.layer
