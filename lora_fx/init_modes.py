@@ -171,7 +171,7 @@ def _zero(b: torch.Tensor, bias: torch.Tensor | None) -> None:
         bias.zero_()
 
 
-def _kaiming_like_linear(t: torch.Tensor, generator=None) -> None:
+def kaiming_like_linear(t: torch.Tensor, generator=None) -> None:
     # nn.Linear / nn.ConvNd's default weight init (Kaiming-uniform, a=sqrt(5)): U(±1/sqrt(fan_in)).
     fan_in = t[0].numel()
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -181,8 +181,8 @@ def _kaiming_like_linear(t: torch.Tensor, generator=None) -> None:
 def _linear_default(a, b, bias, generator) -> None:
     """The draws of PEFT's `nn.Linear(in, r)` and `nn.Linear(r, out, bias=lora_bias)`, in its order."""
     with torch.no_grad():
-        _kaiming_like_linear(a, generator)
-        _kaiming_like_linear(b, generator)
+        kaiming_like_linear(a, generator)
+        kaiming_like_linear(b, generator)
         if bias is not None:
             bound = 1.0 / math.sqrt(b[0].numel())
             bias.uniform_(-bound, bound, generator=generator)

@@ -13,8 +13,8 @@ Designed for the variants to come:
 - BdLoRA declares block-diagonal shapes in `tensors` and emits an einsum or a custom op.
 - Layer kinds: a variant asks `site.layer.kind` (`layer_kinds/base.py`) for the factors' keys
   and shapes, the nodes of A(x) and B(h), and the weight's layout; it never branches on the kind.
-Merging: `merge_blocker` says why a layer cannot merge (None when it can; aLoRA, QALoRA and
-grouped convs say why), `merged_weight` / `unmerged_weight` fold the adapter into the base
+Merging: `merge_blocker` says why a layer cannot merge (None when it can; aLoRA, quantized bases
+and grouped convs say why), `merged_weight` / `unmerged_weight` fold the adapter into the base
 weight and back by arithmetic (the bit-exact unmerge keeps the original instead), and
 `merged_bias` / `unmerged_bias` do the same for an adapter with a bias of its own (lora_bias).
 """
@@ -106,7 +106,7 @@ class Variant:
         """Why this layer's adapter cannot be folded into its base weight, or None if it can.
 
         The merge pass turns a reason into an error naming the layer; variants whose output is
-        not a fixed linear map of the input (aLoRA: token-dependent; QALoRA: pooled input) say so
+        not a fixed linear map of the input (aLoRA: token-dependent) say so
         here."""
         return f"the {self.name!r} variant has no merge rule"
 

@@ -12,8 +12,6 @@ is rounded to the base output's dtype once, as PEFT does (bit-equal to PEFT on a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import init_modes
@@ -26,14 +24,6 @@ from . import register
 from .base import SiteCall, TensorSpec, Variant
 
 aten = torch.ops.aten
-
-
-def _kaiming_like_linear(t: torch.Tensor, generator=None) -> None:
-    # nn.Linear / nn.ConvNd's default weight init (Kaiming-uniform, a=sqrt(5)).
-    fan_in = t[0].numel()
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    with torch.no_grad():
-        t.uniform_(-bound, bound, generator=generator)
 
 
 class LoraVariant(Variant):
