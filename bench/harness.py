@@ -473,6 +473,9 @@ def parse_args(argv):
                    help="only the transform() scaling table: ROUNDS interleaved rounds, medians")
     p.add_argument("--compile-time", type=int, default=0, metavar="ROUNDS",
                    help="only the cold / warm compile-time table (fresh processes): ROUNDS interleaved rounds")
+    p.add_argument("--block-diag", action="store_true", help="only BdLoRA's table: its block-diagonal product "
+                   "expanded, as an einsum, or as lora_fx::block_diag_matmul, in one adapted linear "
+                   "(bench/block_diag.py, which takes more options)")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     return p.parse_args(argv)
 
@@ -490,6 +493,14 @@ def main(argv=None) -> str:
 
         return compile_time(args.compile_time, **({"hidden": 64, "layers": 1, "variants": ("plain", "lora")}
                                                   if args.smoke else {}))
+    if args.block_diag:
+        from .block_diag import main as block_diag_main
+
+        return block_diag_main(["--smoke"] * args.smoke + (["--preset", args.preset] if args.preset else [])
+                               + (["--reps", str(args.reps)] if args.reps else [])
+                               + (["--compiler", args.compiler] if args.compiler else [])
+                               + (["--threads", str(args.threads)] if args.threads else [])
+                               + (["--out", args.out] if args.out else []))
     if args.scaling_only:
         return scaling_only(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r, args.scaling_only)
     compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")

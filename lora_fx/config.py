@@ -27,7 +27,6 @@ _INERT_KEYS = {
 
 # Keys whose non-default value selects a feature lora_fx does not implement yet: (default test, issue).
 _NOT_YET = {
-    "use_bdlora": "block-diagonal LoRA",
     "layer_replication": "layer_replication",
     "trainable_token_indices": ("trainable_token_indices (training only some embedding rows); to train the whole "
                                 "embedding instead, use modules_to_save=['embed_tokens']"),

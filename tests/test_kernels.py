@@ -12,7 +12,7 @@ import torch
 from torch.library import opcheck
 
 import lora_fx.kernels.ops  # noqa: F401  (registers the ops)
-from lora_fx.kernels import dora
+from lora_fx.kernels import block_diag, dora
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -63,7 +63,79 @@ def test_triton_kernels_in_the_interpreter():
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] == "ok 18", lines[-3:]  # 2 dtypes x (3 layouts x 2 bias + 3 norm shapes)
+    # 2 dtypes x (3 layouts x 2 bias + 3 norm shapes + 4 block-diagonal shapes)
+    assert lines[-1] == "ok 26", lines[-3:]
+    assert sum(line.startswith("block_diag ") for line in lines) == 8, lines
+
+
+# -- block_diag_matmul: BdLoRA's block-diagonal product -------------------------------------------
+
+def _block_diag_args(dtype, lead, nblocks, n, m, requires_grad):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(*lead, nblocks * m, generator=gen).to(dtype).requires_grad_(requires_grad)
+    w = torch.randn(nblocks * n, m, generator=gen).to(dtype).requires_grad_(requires_grad)
+    return x, w, nblocks
+
+
+BLOCK_SHAPES = [((6,), 2, 3, 5), ((2, 3), 4, 2, 4), ((2, 2, 3), 1, 4, 6), ((5,), 8, 1, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lead,nblocks,n,m", BLOCK_SHAPES, ids=["2d", "3d", "4d_one_block", "8_blocks_n1"])
+def test_opcheck_block_diag_matmul_and_weight_grad(dtype, lead, nblocks, n, m):
+    args = _block_diag_args(dtype, lead, nblocks, n, m, requires_grad=True)
+    opcheck(torch.ops.lora_fx.block_diag_matmul.default, args)
+    x, _, _ = _block_diag_args(dtype, lead, nblocks, n, m, requires_grad=False)
+    grad = torch.randn(*lead, nblocks * n).to(dtype)
+    opcheck(torch.ops.lora_fx.block_diag_matmul_weight_grad.default, (grad, x, nblocks))
+
+
+@pytest.mark.parametrize("lead,nblocks,n,m", BLOCK_SHAPES, ids=["2d", "3d", "4d_one_block", "8_blocks_n1"])
+def test_block_diag_matmul_is_the_dense_block_diagonal_product_with_its_gradients(lead, nblocks, n, m):
+    x, w, _ = _block_diag_args(torch.float32, lead, nblocks, n, m, requires_grad=True)
+    out = torch.ops.lora_fx.block_diag_matmul(x, w, nblocks)
+    dense = torch.block_diag(*w.chunk(nblocks))             # (nblocks·n, nblocks·m), zeros off the blocks
+    ref = x @ dense.t()
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad((out * weights).sum(), (x, w))
+    want = torch.autograd.grad((ref * weights).sum(), (x, w))
+    for name, a, b in zip(("x", "w"), got, want, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda msg, n=name: f"grad of {n}: {msg}")
+    # the compact gradient is the dense matrix's gradient restricted to its diagonal blocks
+    dense_leaf = torch.block_diag(*w.detach().chunk(nblocks)).requires_grad_()
+    dense_grad = torch.autograd.grad(((x.detach() @ dense_leaf.t()) * weights).sum(), dense_leaf)[0]
+    blocks = [dense_grad[i * n:(i + 1) * n, i * m:(i + 1) * m] for i in range(nblocks)]
+    torch.testing.assert_close(got[1], torch.cat(blocks))
+
+
+def test_block_diag_matmul_refuses_shapes_that_are_not_block_diagonal():
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"input width 10 and weight \(6, 4\) do not form 2 diagonal blocks"):
+        torch.ops.lora_fx.block_diag_matmul(x, torch.randn(6, 4), 2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=r"input width 10 is not nblocks·m = 2·4"):
+        torch.ops.lora_fx.block_diag_matmul(torch.empty(3, 10), torch.empty(6, 4), 2)
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=r"weight \(5, 5\) is not \(nblocks·n, m\) for nblocks=2"):
+        torch.ops.lora_fx.block_diag_matmul(torch.empty(3, 10), torch.empty(5, 5), 2)
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=r"input torch.bfloat16 and weight torch.float32 differ"):
+        torch.ops.lora_fx.block_diag_matmul(torch.empty(3, 10, dtype=torch.bfloat16), torch.empty(6, 5), 2)
+
+
+def test_block_diag_matmul_compiles_in_an_inductor_graph_on_cpu():
+    # CPU: the op is a custom op over the reference (no GPU driver for triton_op); Inductor calls it
+    # as an extern kernel, forward and backward, fullgraph.
+    x, w, nb = _block_diag_args(torch.float32, (4, 6), 2, 3, 5, requires_grad=True)
+
+    def f(x, w):
+        return torch.nn.functional.silu(torch.ops.lora_fx.block_diag_matmul(x, w, nb)).sum()
+
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w), (x, w))
+    want = torch.autograd.grad(f(x, w), (x, w))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert block_diag.block_transpose(w, nb).shape == (10, 3)
 
 
 # -- gemm_4bit: bitsandbytes' 4-bit matmul with the input's gradient ------------------------------

@@ -1,1 +1,2 @@
-"""Custom ops (`lora_fx::`): schemas and registration in `ops.py`, DoRA's kernels in `dora.py`."""
+"""Custom ops (`lora_fx::`): schemas and registration in `ops.py`; DoRA's kernels in `dora.py`, BdLoRA's
+block-diagonal product in `block_diag.py`."""

@@ -4,6 +4,10 @@
 - `dora_compose_backward(Tensor grad, Tensor base, Tensor lora, Tensor g, Tensor scale, Tensor? bias,
   int channel_dim) -> (Tensor, Tensor, Tensor)`
 - `dora_norm(Tensor wsq, Tensor b, Tensor wa, Tensor baa, Tensor scale, float eps) -> Tensor`
+- `block_diag_matmul(Tensor x, Tensor w, int nblocks) -> Tensor` and
+  `block_diag_matmul_weight_grad(Tensor grad, Tensor x, int nblocks) -> Tensor`: BdLoRA's
+  block-diagonal product and its weight gradient (`kernels/block_diag.py`, which registers them
+  through `_define` below).
 - `gemm_4bit(...)`: bitsandbytes' `gemm_4bit` (same schema) with the gradient of its input, for
   QLoRA bases traced without gradients (see its section below; no Triton kernel: the compute is
   bitsandbytes').
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dora
+from . import block_diag, dora
 
 # triton_op needs a GPU driver to run what it traces: on a machine without CUDA the ops are plain
 # custom ops over the reference math (the Triton kernels are still tested, in the interpreter).
@@ -132,6 +136,11 @@ def _norm_backward(ctx, grad):
 
 
 dora_norm.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+# -- block_diag_matmul, block_diag_matmul_weight_grad (BdLoRA) ------------------------------------
+
+block_diag_matmul, block_diag_matmul_weight_grad = block_diag.register(_define)
 
 
 # -- gemm_4bit -----------------------------------------------------------------------------------
