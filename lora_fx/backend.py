@@ -127,6 +127,7 @@ class LoraBackend:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
         self._attached = AttachedModel.attach(model, self, self.adapters, self._pending, self.adapter_dtype)
         self._pending = None
+        self._carried.clear()
         return self
 
     def detach(self) -> None:
@@ -137,6 +138,7 @@ class LoraBackend:
         self._attached.detach()
         self._attached = None
         self._param_names, self._renames = None, {}
+        self._carried.clear()
 
     def parameters(self, model: nn.Module | None = None) -> list[nn.Parameter]:
         """The trainable tensors: adapters (and base biases per `bias=`). With `model`, attach
@@ -188,6 +190,7 @@ class LoraBackend:
         Its config becomes the backend's: scalings follow its `lora_alpha` (and patterns),
         `save_adapter` writes it, and the scale factor goes back to 1. A different
         `lora_dropout` takes effect too (training graphs are rebuilt for it)."""
+        self._carried.clear()  # state between calls belongs to the sequences of the old adapter
         if self._attached is not None:
             self._attached.load_adapter(path)
             return
@@ -574,17 +577,18 @@ class Feeds:
 
 @dataclass
 class _CarriedInput:
-    """A carried graph input: the stored value if it fits this call's batch, else all False."""
+    """A carried graph input: the stored value if it fits this call's batch, else zeros."""
 
     key: str
     batch_index: int  # the graph input whose first dimension is the batch
     store: dict[str, torch.Tensor]
+    dtype: torch.dtype
 
     def value(self, args) -> torch.Tensor:
         like = args[self.batch_index]
         held = self.store.get(self.key)
-        if held is None or held.shape[0] != like.shape[0] or held.device != like.device:
-            return torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+        if held is None or held.shape[0] != like.shape[0] or held.device != like.device or held.dtype != self.dtype:
+            return torch.zeros(like.shape[0], dtype=self.dtype, device=like.device)
         return held
 
 
@@ -598,14 +602,14 @@ class _Carry:
         self.examples = example_inputs
         self.outputs: list[fx.Node] = []
 
-    def input(self, key: str, batch_of: fx.Node) -> fx.Node:
+    def input(self, key: str, batch_of: fx.Node, dtype: torch.dtype) -> fx.Node:
         index = self.index[batch_of]
-        item = _CarriedInput(key, index, self.store)
+        item = _CarriedInput(key, index, self.store, dtype)
         like = node_value(batch_of)
         val = None
         if is_fake(like):  # the batch size stays the input's own (symbolic where it is dynamic)
             with like.fake_mode:
-                val = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+                val = torch.zeros(like.shape[0], dtype=dtype, device=like.device)
         node = self.new_input(f"lora_carried_{sanitize(key)}", val)
         self.values[node] = item.value(self.examples)
         self.feeds.add_carried(item)

@@ -13,11 +13,12 @@ shapes do under static shapes).
 - `derived(key, build)`: a value built once per graph from user inputs and shared by every site
   that asks for the same key (an aLoRA mask is computed once, not once per layer). It is built
   just before the first site that asks, so every later site can read it.
-- `carried(key, batch_of=...)` / `carry_forward(key, node)`: a per-row value that crosses calls
-  (aLoRA's "this row was invoked" while generating with a KV cache, where a decode step sees only
-  the new token). The graph reads the value the previous call left, and leaves its own; rows start
-  False, and a call with another batch size starts afresh. Routes that run one call at a time with
-  no state (exported programs) do not offer it: asking raises, naming who asked.
+- `carried(key, batch_of=..., dtype=...)` / `carry_forward(key, node)`: a per-row value that
+  crosses calls (aLoRA's "this row was invoked" while generating with a KV cache, where a decode
+  step sees only the new token). The graph reads the value the previous call left, and leaves its
+  own; rows start at zero (False), and a call with another batch size starts afresh. Routes that
+  run one call at a time with no state (exported programs) do not offer it: asking raises, naming
+  who asked.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Protocol
 
+import torch
 import torch.fx as fx
 
 from .errors import LoraFxError, UnsupportedFeatureError
@@ -75,12 +77,12 @@ def user_input_names(placeholders: list[fx.Node], user: set[str] | None = None,
 class CarriedState(Protocol):
     """A route's way of carrying per-row values between calls (the backend implements it)."""
 
-    def input(self, key: str, batch_of: fx.Node) -> fx.Node:
-        """A new graph input: `key`'s value from the previous call, bool of shape [batch], where
-        batch is `batch_of`'s first dimension (a user input)."""
+    def input(self, key: str, batch_of: fx.Node, dtype: torch.dtype) -> fx.Node:
+        """A new graph input: `key`'s value from the previous call, of shape [batch] where batch
+        is `batch_of`'s first dimension (a user input); zeros where there is none."""
 
     def output(self, key: str, node: fx.Node) -> None:
-        """Make `node` (bool, [batch]) the value the next call reads as `key`."""
+        """Make `node` ([batch]) the value the next call reads as `key`."""
 
 
 class CallValues:
@@ -121,9 +123,10 @@ class CallValues:
             self.created += [(n, self.layer) for n in builder.created]
         return self._derived[key]
 
-    def carried(self, key: str, *, batch_of: fx.Node, needed_by: str = "this adapter") -> fx.Node:
-        """The per-row bool `key` as the previous call left it (all False at first, and whenever
-        the batch size changes).
+    def carried(self, key: str, *, batch_of: fx.Node, dtype: torch.dtype = torch.bool,
+                needed_by: str = "this adapter") -> fx.Node:
+        """The per-row value `key` as the previous call left it (zeros at first, and whenever the
+        batch size changes).
 
         Raises:
             UnsupportedFeatureError: this route keeps no state between calls.
@@ -134,7 +137,7 @@ class CallValues:
                 "new tokens), which an exported program does not keep; run the model through lora_fx.backend, or "
                 "export a program that takes whole sequences (no position_ids / cache_position input)")
         if key not in self._carried:
-            self._carried[key] = self.carry.input(key, batch_of)
+            self._carried[key] = self.carry.input(key, batch_of, dtype)
         return self._carried[key]
 
     def carry_forward(self, key: str, node: fx.Node) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,6 +321,12 @@ class LoraConfig:
         known = _fields() - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        if data.get("loftq_config") and data.get("init_lora_weights") != "loftq":
+            # PEFT's own LoftQ recipe saves `init_lora_weights=True` beside the loftq_config it
+            # initialised with; PEFT drops the field when loading, and so do we.
+            warnings.warn(f"{source}: loftq_config is ignored, init_lora_weights is "
+                          f"{data.get('init_lora_weights')!r} (as PEFT does)", stacklevel=2)
+            data = {k: v for k, v in data.items() if k != "loftq_config"}
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value

@@ -36,7 +36,6 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..graph_builder import node_value
 from ..rules import Resolved
 from . import register
 from .base import SiteCall
@@ -44,6 +43,8 @@ from .lora import LoraVariant, params_dtype
 
 aten = torch.ops.aten
 CARRIED_KEY = "alora_invoked"
+NEXT_POSITION_KEY = "alora_next_position"
+_END = 2**63 - 1  # a slice to the end
 # Model inputs that tell a sequence's first call from a continuation (first positions are 0).
 POSITION_INPUTS = ("position_ids", "cache_position")
 
@@ -85,11 +86,14 @@ class ALoraVariant(LoraVariant):
         delta = self.adapter_product(b, layer, x, params, scale if scale_early else None)
         if not scale_early:
             delta = b.call(aten.mul.Tensor, delta, scale)
-        shape = b.shape_of(delta) or b.shape_of(site.x)
-        per_row = b.call(aten.unsqueeze.default, mask, -1)
-        if shape is not None and len(shape) == 2:  # a flattened [batch·tokens, features] input
-            per_row = b.call(aten.reshape.default, mask, [-1, 1])
-        delta = b.call(aten.mul.Tensor, delta, b.cast(per_row, adapter_dtype, torch.bool))
+        shape = b.shape_of(delta)
+        if shape is not None and len(shape) == 3:  # [batch, tokens, features]
+            delta = b.call(aten.mul.Tensor, delta, b.cast(b.call(aten.unsqueeze.default, mask, -1), adapter_dtype,
+                                                          torch.bool))
+        else:  # rows flattened to [batch·tokens, features], or a graph without shapes: flatten, then back
+            flat = b.call(aten.reshape.default, delta, [-1, layer.out_features])
+            keep = b.cast(b.call(aten.reshape.default, mask, [-1, 1]), adapter_dtype, torch.bool)
+            delta = b.call(aten.view_as.default, b.call(aten.mul.Tensor, flat, keep), delta)
         out = b.call(aten.add.Tensor, site.base_out, delta)
         if adapter_dtype != out_dtype:  # summed in the wider dtype, rounded once (as PEFT's `+=`)
             return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
@@ -100,31 +104,48 @@ def invocation_mask(b, values, tokens: list[int], layer: str):
     """`[batch, tokens]` bool: where the adapter applies (see the module docstring)."""
     needed_by = f"{layer}: aLoRA (alora_invocation_tokens)"
     ids = values.user_input("input_ids", needed_by=needed_by)
-    n = len(tokens)
-    padded = b.call(aten.constant_pad_nd.default, ids, [0, n - 1], -1) if n > 1 else ids
-    windows = b.call(aten.unfold.default, padded, 1, n, 1)                    # [B, T, n]
-    match = None
+    batch = b.call(aten.sym_size.int, ids, 0)
+    match = None  # match[b, t]: the invocation starts at t
     for j, token in enumerate(tokens):
-        eq = b.call(aten.eq.Scalar, b.call(aten.select.int, windows, 2, j), token)
+        eq = b.call(aten.eq.Scalar, ids, token)
+        if j:  # eq at t + j, False past the end (slice + cat: a pad would pin an exported program's dynamic sizes)
+            tail = b.call(aten.new_zeros.default, eq, [batch, j], dtype=torch.bool)
+            eq = b.call(aten.cat.default, [b.call(aten.slice.Tensor, eq, 1, j, _END), tail], 1)
         match = eq if match is None else b.call(aten.logical_and.default, match, eq)
-    length = b.call(aten.sym_size.int, ids, 1)
-    device = node_value(ids).device
-    positions = b.call(aten.arange.default, length, dtype=torch.int64, device=device)      # [T]
-    last = b.call(aten.amax.default, b.call(aten.where.ScalarOther, match, positions, -1), [1])  # [B]
+    # 0..T-1 without naming a device (graphs without fake values have none to read)
+    row = b.call(aten.select.int, ids, 0, 0)
+    positions = b.call(aten.sub.Tensor, b.call(aten.cumsum.default, b.call(aten.ones_like.default, row), 0), 1)
+    last = b.call(aten.amax.default, b.call(aten.where.ScalarOther, match, positions, -1), [1])  # [B]; -1: none
     found = b.call(aten.ge.Scalar, last, 0)
     after = b.call(aten.ge.Tensor, positions, b.call(aten.unsqueeze.default, last, 1))       # [B, T]
     mask = b.call(aten.logical_and.default, after, b.call(aten.unsqueeze.default, found, 1))
     position_input = next((values.user_inputs[k] for k in POSITION_INPUTS if k in values.user_inputs), None)
     if position_input is None:  # every call is a whole sequence
         return mask
-    # A row starts a sequence where its positions include 0; elsewhere it continues the last one.
-    starts = b.call(aten.any.dim, b.call(aten.eq.Scalar, position_input, 0), -1)   # [B] or [] (cache_position)
+    return _with_carried_state(b, values, ids, position_input, mask, found, needed_by)
+
+
+def _with_carried_state(b, values, ids, position_input, mask, found, needed_by):
+    """`mask` widened by what earlier calls saw, for rows that continue the sequence of the
+    previous call: those whose first position is the one that call's last position announced (a
+    row at position 0 starts afresh; one at another position, e.g. after a prefix cache the base
+    model made, has only its own tokens to go by). Carried: per row, whether the sequence was
+    invoked and the position its next token will have."""
+    positions = position_input
+    if len(b.shape_of(positions) or [None, None]) == 1:  # cache_position: [T], the same for every row
+        positions = b.call(aten.unsqueeze.default, positions, 0)
+    first = b.call(aten.select.int, positions, 1, 0)                                  # [B] or [1]
+    upcoming = b.call(aten.add.Tensor, b.call(aten.select.int, positions, 1, -1), 1)
+    starts = b.call(aten.any.dim, b.call(aten.eq.Scalar, positions, 0), 1)
     invoked = values.carried(CARRIED_KEY, batch_of=ids, needed_by=needed_by)
-    values.carry_forward(CARRIED_KEY, b.call(aten.where.self, starts, found, invoked))
-    continued = b.call(aten.unsqueeze.default, b.call(aten.logical_and.default,
-                                                      b.call(aten.logical_not.default, starts), invoked), -1)
-    fresh = b.call(aten.logical_and.default, mask, b.call(aten.unsqueeze.default, starts, -1))
-    return b.call(aten.logical_or.default, fresh, continued)
+    expected = values.carried(NEXT_POSITION_KEY, batch_of=ids, dtype=torch.int64, needed_by=needed_by)
+    continues = b.call(aten.logical_and.default, b.call(aten.logical_not.default, starts),
+                       b.call(aten.eq.Tensor, first, expected))
+    was_invoked = b.call(aten.logical_and.default, continues, invoked)
+    values.carry_forward(CARRIED_KEY, b.call(aten.logical_or.default, was_invoked, found))
+    values.carry_forward(NEXT_POSITION_KEY, b.call(aten.add.Tensor, b.call(aten.zeros_like.default, expected),
+                                                   upcoming))
+    return b.call(aten.logical_or.default, mask, b.call(aten.unsqueeze.default, was_invoked, 1))
 
 
 register(ALoraVariant())
