@@ -201,8 +201,9 @@ class AdapterSet:
         """Refuse, naming the layer, an init mode that rewrites base weights where it cannot."""
         name = res.layer.name
         why = mode.layer_problem(res, {k: spec.shape for k, spec in variant.tensors(res, self.cfg).items()})
-        if why is None and base is not None and base.sharing(name):
-            why = (f"its weight is shared with {', '.join(map(repr, base.sharing(name)))} (tied weights), which "
+        shared = base.sharing(name) if why is None and base is not None else []
+        if shared:
+            why = (f"its weight is shared with {', '.join(map(repr, shared))} (tied weights), which "
                    "rewriting it would change too")
         if why is None and "meta" in (str(device), res.layer.weight_device):
             why = ("the model has no weights yet (meta device); attach or transform it after loading its weights, "

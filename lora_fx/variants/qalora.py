@@ -24,7 +24,7 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import ConfigError, UnsupportedFeatureError
-from ..init_modes import kaiming_like_linear
+from ..init_modes import kaiming_like_linear, mode_for
 from ..layers import LayerInfo
 from ..rules import Resolved
 from . import register
@@ -70,12 +70,9 @@ class QALoraVariant(LoraVariant):
         # PEFT replaces A by a fresh nn.Linear(n, r) whatever `init_lora_weights` says (its Gaussian
         # or Kaiming init of the (r, in) factor is discarded); B follows `init_lora_weights`.
         a_key, b_key = res.layer.kind.factor_keys()
+        mode_for(cfg.init_lora_weights).init_factors(tensors[a_key], tensors[b_key], None, res, generator)
         with torch.no_grad():
             kaiming_like_linear(tensors[a_key], generator)
-            if cfg.init_lora_weights is False:
-                kaiming_like_linear(tensors[b_key], generator)  # nn.Linear(r, out)'s init: not a no-op
-            else:
-                tensors[b_key].zero_()
 
     # -- graph -----------------------------------------------------------------------------------
     def emit(self, b, site: SiteCall, res: Resolved, cfg: LoraConfig, params, scale):
