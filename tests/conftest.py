@@ -136,7 +136,7 @@ def forward_backward(model, x, extract=lambda o: o):
     """The output, after `(out * w).sum()` was back-propagated with fixed random weights `w` (every
     output element contributes differently to the gradients)."""
     out = extract(model(x))
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
     (out * w).sum().backward()
     return out.detach()
 

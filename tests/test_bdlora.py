@@ -450,6 +450,17 @@ def test_refusals_name_the_layer(case):
 
 # -- merging ---------------------------------------------------------------------------------------
 
+def test_merge_on_a_bf16_base_is_peft_bit_for_bit(tmp_path):
+    base = tiny_llama().to(torch.bfloat16)
+    base, peft_model, path = _peft_llama(tmp_path, base=base)
+    x = token_input()
+    merged = lora_fx.merge(lora_fx.transform(torch.export.export(base, (x,)), path))
+    peft_merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    for key in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert merged.state_dict[key].dtype == torch.bfloat16
+        assert torch.equal(merged.state_dict[key], peft_merged[key]), key
+
+
 def test_merge_matches_peft_and_unmerges_exactly(tmp_path):
     base, peft_model, path = _peft_llama(tmp_path)
     x = token_input()

@@ -182,6 +182,8 @@ def block_diag_matmul_weight_grad_triton(grad: torch.Tensor, x: torch.Tensor, nb
     return part.sum(0).to(x.dtype)
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 # -- registration (called once by kernels/ops.py with its `_define`) --------------------------
 
 def register(define):
@@ -190,6 +192,8 @@ def register(define):
     (which check the shapes) and the autograd of the product. Returns the two ops."""
 
     def _fwd(x: torch.Tensor, w: torch.Tensor, nblocks: int) -> torch.Tensor:
+        if x.dtype not in TRITON_DTYPES:  # the kernels accumulate in fp32: fp64 takes the reference
+            return block_diag_matmul_reference(x, w, nblocks).contiguous()
         return block_diag_matmul_triton(x, w, nblocks)
 
     def _fwd_ref(x: torch.Tensor, w: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -203,6 +207,8 @@ def register(define):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     def _wgrad(grad: torch.Tensor, x: torch.Tensor, nblocks: int) -> torch.Tensor:
+        if x.dtype not in TRITON_DTYPES:
+            return block_diag_matmul_weight_grad_reference(grad, x, nblocks).contiguous()
         return block_diag_matmul_weight_grad_triton(grad, x, nblocks)
 
     def _wgrad_ref(grad: torch.Tensor, x: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -215,6 +221,8 @@ def register(define):
         torch._check(nblocks > 0 and x.shape[-1] % nblocks == 0 and grad.shape[-1] % nblocks == 0,
                      lambda: f"lora_fx::block_diag_matmul_weight_grad: widths {grad.shape[-1]} (grad) and "
                              f"{x.shape[-1]} (input) are not multiples of nblocks={nblocks}")
+        torch._check(grad.dtype == x.dtype, lambda: f"lora_fx::block_diag_matmul_weight_grad: grad {grad.dtype} "
+                                                    f"and input {x.dtype} differ")
         torch._check(grad.shape[:-1] == x.shape[:-1],
                      lambda: f"lora_fx::block_diag_matmul_weight_grad: grad {tuple(grad.shape)} and input "
                              f"{tuple(x.shape)} differ in their leading dims")
