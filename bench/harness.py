@@ -3,6 +3,7 @@
     python -m bench                 # the CPU table (hidden 512, 4 layers, batch 4 x 128, r=16)
     python -m bench --preset gpu    # a 1B-shaped Llama in bf16 on CUDA
     python -m bench --smoke         # tiny shapes, aot_eager; what the test suite runs
+    python -m bench --decode        # decode-step (KV cache) and prefill rows (bench/decode.py)
 
 Every row gets its own copy of one randomly initialised Llama (built from a config, no hub).
 Timed calls are interleaved across rows (rep 1 of every row, then rep 2, ...) so that drifts in
@@ -476,6 +477,9 @@ def parse_args(argv):
     p.add_argument("--block-diag", action="store_true", help="only BdLoRA's table: its block-diagonal product "
                    "expanded, as an einsum, or as lora_fx::block_diag_matmul, in one adapted linear "
                    "(bench/block_diag.py, which takes more options)")
+    p.add_argument("--decode", action="store_true", help="only the generation table: one decode step (1 new token x "
+                   "batch 1/8/32, StaticCache of the preset's seq) and a prefill, base vs PEFT vs lora_fx unmerged / "
+                   "merged, all compiled (bench/decode.py, which takes more options)")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     return p.parse_args(argv)
 
@@ -501,6 +505,14 @@ def main(argv=None) -> str:
                                + (["--compiler", args.compiler] if args.compiler else [])
                                + (["--threads", str(args.threads)] if args.threads else [])
                                + (["--out", args.out] if args.out else []))
+    if args.decode:
+        from .decode import main as decode_main
+
+        return decode_main(["--smoke"] * args.smoke + (["--preset", args.preset] if args.preset else [])
+                           + (["--reps", str(args.reps)] if args.reps else [])
+                           + (["--compiler", args.compiler] if args.compiler else [])
+                           + (["--threads", str(args.threads)] if args.threads else [])
+                           + (["--out", args.out] if args.out else []))
     if args.scaling_only:
         return scaling_only(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r, args.scaling_only)
     compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")

@@ -77,3 +77,50 @@ def test_scaling_only_table():
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1:3] for r in rows] == [[" 1 ", " 7 "], [" 2 ", " 14 "]]  # layers, sites
     assert all(float(r.split("|")[3]) > 0 for r in rows)
+
+
+def test_decode_table(tmp_path):
+    out = tmp_path / "decode.md"
+    table = main(["--decode", "--smoke", "--reps", "1", "--out", str(out)])
+    assert out.read_text() == table
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| cell")
+             and not line.startswith("| variant")]
+    cells = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines)}
+    assert list(cells)[:4] == ["prefill, batch 2 x 16 tokens"] + [f"decode, batch {b}: 1 token, cache 16"
+                                                                   for b in (1, 8, 32)]
+    for name in list(cells)[:4]:
+        base, *others = cells[name]
+        assert float(base) > 0 and len(others) == 3, name
+        assert all(re.fullmatch(r"[\d.]+ \([\d.]+x\)", c) for c in others), cells[name]
+    variants = {name: cells[name] for name in ("base", "PEFT", "lora_fx unmerged", "lora_fx merged")}
+    for name, (graphs, breaks, recompiles, _) in variants.items():
+        # one static graph per shape (prefill + 3 decode batches), none after warm-up, fullgraph
+        assert (int(graphs), int(breaks), int(recompiles)) == (4, 0, 0), name
+    scale = float(re.search(r"PEFT's logits reach (\d[\d.e+-]*\d)", table).group(1))
+    for name in ("lora_fx unmerged", "lora_fx merged"):  # the same adapter as PEFT's: the same logits
+        assert float(variants[name][3]) <= 1e-4 * scale, (name, variants[name])
+    assert float(variants["base"][3]) > 1e-2 * scale  # ... and the adapter changes them
+
+
+def test_cpu_peak_bytes_counts_allocations_of_eager_and_compiled_calls():
+    """`peak_bytes` on the CPU (the running sum of the profiler's allocator events) against known
+    allocations: eager tensors kept and freed, and an Inductor-compiled call whose buffers are known
+    (its mm result, 4 MiB, lives while the output, 1 MiB, is computed)."""
+    import torch
+
+    from bench.harness import peak_bytes
+
+    mib = 2**20
+    assert peak_bytes(lambda: torch.empty(mib // 4), "cpu") == mib
+
+    def kept_and_freed():
+        a, b = torch.empty(mib // 4), torch.empty(mib // 2)  # 1 + 2 MiB
+        del a
+        return b, torch.empty(mib // 4)                     # 2 + 1 MiB: the peak was 3
+    assert peak_bytes(kept_and_freed, "cpu") == 3 * mib
+
+    w = torch.randn(256, 1024)
+    x = torch.randn(1024, 256)
+    fn = torch.compile(lambda x: torch.relu(x @ w) @ w.t(), backend="inductor")
+    fn(x)
+    assert abs(peak_bytes(lambda: fn(x), "cpu") - 5 * mib) < 64 * 1024
