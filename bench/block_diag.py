@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import statistics
 import sys
 
 import torch
 
-from .harness import CountingBackend, Row, graph_breaks, measure_interleaved, synchronize, timed
+from .harness import CountingBackend, Row, graph_breaks, measure_interleaved, publish, synchronize, timed
 
 PRESETS = {
     "cpu": dict(tokens=512, din=512, dout=1376, r=16, nblocks=2, reps=100, warmup=3, device="cpu",
@@ -193,12 +192,7 @@ def main(argv=None) -> str:
     measure_interleaved(rows, s.warmup, s.reps, s.device)
     assert graph_breaks() == before, "a row broke its graph"
     table = report(rows, s, op_alone(s), "python -m bench.block_diag " + " ".join(argv))
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table)
-    return table
+    return publish(table, args.out)
 
 
 if __name__ == "__main__":

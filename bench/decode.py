@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 import torch
 
-from .harness import PRESETS, CountingBackend, Shape, environment, graph_breaks, llama, synchronize
+from .harness import PRESETS, CountingBackend, Shape, environment, graph_breaks, llama, publish, synchronize
 
 BATCHES = (1, 8, 32)
 VARIANTS = ("base", "PEFT", "lora_fx unmerged", "lora_fx merged")
@@ -258,12 +258,7 @@ def main(argv=None) -> str:
     variants, cells, result = run(shape, compiler, batches, args.cudagraphs)
     table = report(variants, cells, result, shape, compiler, "python -m bench.decode " + " ".join(argv),
                    args.cudagraphs)
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table)
-    return table
+    return publish(table, args.out)
 
 
 if __name__ == "__main__":

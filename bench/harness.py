@@ -161,6 +161,16 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
+def publish(table: str, out: str | None) -> str:
+    """Print a bench table and, with `out`, also write it to that file; return it."""
+    print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(table)
+    return table
+
+
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak extra memory one call allocates through PyTorch's allocator.
 
@@ -535,10 +545,5 @@ def main(argv=None) -> str:
     scaling = [] if args.no_scaling else transform_scaling(SCALING_LAYERS["smoke" if args.smoke else "full"], shape.r)
     command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     table = report(rows, shape, floors, scaling, command.strip())
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table)
-    return table
+    return publish(table, args.out)
 
