@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..rules import Resolved
 from . import register
 from .base import SiteCall
-from .lora import LoraVariant, params_dtype
+from .lora import LoraVariant, add_to_base, params_dtype
 
 aten = torch.ops.aten
 CARRIED_KEY = "alora_invoked"
@@ -94,10 +94,7 @@ class ALoraVariant(LoraVariant):
             flat = b.call(aten.reshape.default, delta, [-1, layer.out_features])
             keep = b.cast(b.call(aten.reshape.default, mask, [-1, 1]), adapter_dtype, torch.bool)
             delta = b.call(aten.view_as.default, b.call(aten.mul.Tensor, flat, keep), delta)
-        out = b.call(aten.add.Tensor, site.base_out, delta)
-        if adapter_dtype != out_dtype:  # summed in the wider dtype, rounded once (as PEFT's `+=`)
-            return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
-        return out
+        return add_to_base(b, site.base_out, delta, out_dtype, adapter_dtype)
 
 
 def invocation_mask(b, values, tokens: list[int], layer: str):

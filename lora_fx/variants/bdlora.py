@@ -36,7 +36,7 @@ from ..layers import LayerInfo
 from ..rules import Resolved
 from . import register
 from .base import SiteCall, TensorSpec
-from .lora import LoraVariant, params_dtype
+from .lora import LoraVariant, add_to_base, params_dtype
 
 aten = torch.ops.aten
 
@@ -181,10 +181,7 @@ class BdLoraVariant(LoraVariant):
             delta = layer.kind.apply_b(b, layer, h, params[b_key], bias)
         if not scale_early:
             delta = b.call(aten.mul.Tensor, delta, scale)
-        out = b.call(aten.add.Tensor, site.base_out, delta)
-        if mixed:  # fp32 adapters on a half base: added in fp32, rounded once (PEFT's `result += ...`)
-            out = b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
-        return out
+        return add_to_base(b, site.base_out, delta, out_dtype, adapter_dtype)
 
     # -- merging ---------------------------------------------------------------------------------
     def merged_weight(self, weight, tensors, scaling: float, layer: LayerInfo):

@@ -76,8 +76,7 @@ class LoraVariant(Variant):
             delta = b.call(aten.mul.Tensor, self.adapter_product(b, layer, x, params), scale)
             if layer.kind.rounds_delta_first:  # PEFT's quantized layers round the delta, then add
                 return b.call(aten.add.Tensor, site.base_out, b.cast(delta, out_dtype, adapter_dtype))
-            out = b.call(aten.add.Tensor, site.base_out, delta)
-            return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
+            return add_to_base(b, site.base_out, delta, out_dtype, adapter_dtype)
         delta = self.adapter_product(b, layer, x, params, scale if scale_early else None)
         if not scale_early:
             delta = b.call(aten.mul.Tensor, delta, scale)
@@ -129,6 +128,16 @@ def _accumulate_into_base(b, site: SiteCall, x, a, weight_b, scale):
     y2 = b.call(aten.reshape.default, site.base_out, [-1, layer.out_features])
     out2 = b.call(aten.addmm.default, y2, h, b.call(aten.t.default, weight_b))
     return b.call(aten.reshape.default, out2, out_shape)
+
+
+def add_to_base(b, base_out, delta, out_dtype: torch.dtype, adapter_dtype: torch.dtype):
+    """`base_out + delta`. With adapters in a wider dtype than the base output (fp32 adapters on a
+    half base) the sum is taken in the wider dtype and rounded to the base output's once, as PEFT's
+    `result = result + delta` does: bit-equal to PEFT on a bf16 base."""
+    out = b.call(aten.add.Tensor, base_out, delta)
+    if adapter_dtype == out_dtype:
+        return out
+    return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
 
 
 def params_dtype(params) -> torch.dtype:

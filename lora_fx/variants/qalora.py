@@ -29,7 +29,7 @@ from ..layers import LayerInfo
 from ..rules import Resolved
 from . import register
 from .base import SiteCall, TensorSpec
-from .lora import LoraVariant, params_dtype
+from .lora import LoraVariant, add_to_base, params_dtype
 
 aten = torch.ops.aten
 
@@ -91,8 +91,7 @@ class QALoraVariant(LoraVariant):
             # delta first, `rounds_delta_first`, is their plain-LoRA path only), so the kind's
             # flag is not asked here.
             delta = b.call(aten.mul.Tensor, layer.kind.apply_b(b, layer, h, params[b_key], None), scale)
-            out = b.call(aten.add.Tensor, site.base_out, delta)
-            return b.cast(out, out_dtype, torch.promote_types(out_dtype, adapter_dtype))
+            return add_to_base(b, site.base_out, delta, out_dtype, adapter_dtype)
         # Same dtype: the scaling multiplies the rank-r intermediate (r/out of the work), as LoRA.
         h = b.call(aten.mul.Tensor, h, scale)
         return b.call(aten.add.Tensor, site.base_out, layer.kind.apply_b(b, layer, h, params[b_key], None))
