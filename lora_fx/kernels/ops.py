@@ -8,6 +8,12 @@
   `block_diag_matmul_weight_grad(Tensor grad, Tensor x, int nblocks) -> Tensor`: BdLoRA's
   block-diagonal product and its weight gradient (`kernels/block_diag.py`, which registers them
   through `_define` below).
+- `lora_shrink(Tensor x, Tensor a, Tensor scale, Tensor index) -> Tensor`,
+  `lora_expand(Tensor y, Tensor h, Tensor b, Tensor index) -> Tensor` and
+  `lora_row_weight_grad(Tensor grad, Tensor x, Tensor index, int num_slots) -> Tensor`: per-row LoRA
+  for mixed-adapter batches (each token picks an adapter of a bank by `index`, -1 for none) and the
+  per-slot gradient of a bank (`kernels/row_lora.py`, registered through `_define` too; their CPU
+  kernel is a GEMM per slot over the rows sorted by slot, not the gather reference).
 - `gemm_4bit(...)`: bitsandbytes' `gemm_4bit` (same schema) with the gradient of its input, for
   QLoRA bases traced without gradients (see its section below; no Triton kernel: the compute is
   bitsandbytes').
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from . import block_diag, dora
+from . import block_diag, dora, row_lora
 
 # triton_op needs a GPU driver to run what it traces: on a machine without CUDA the ops are plain
 # custom ops over the reference math (the Triton kernels are still tested, in the interpreter).
@@ -141,6 +147,11 @@ dora_norm.register_autograd(_norm_backward, setup_context=_norm_setup)
 # -- block_diag_matmul, block_diag_matmul_weight_grad (BdLoRA) ------------------------------------
 
 block_diag_matmul, block_diag_matmul_weight_grad = block_diag.register(_define)
+
+
+# -- lora_shrink, lora_expand, lora_row_weight_grad (mixed-adapter batches) -------------------------
+
+lora_shrink, lora_expand, lora_row_weight_grad = row_lora.register(_define)
 
 
 # -- gemm_4bit -----------------------------------------------------------------------------------
