@@ -11,10 +11,11 @@ from .config import BdLoraConfig, LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .merging import merge, unmerge
 from .program import transform
+from .weighted import add_weighted_adapter
 
 __all__ = [
     "AdapterFileError", "BdLoraConfig", "ConfigError", "LoraBackend", "LoraConfig", "LoraFxError",
-    "TargetNotFoundError", "UnsupportedFeatureError", "backend", "load_adapter", "merge", "save_adapter",
-    "transform", "unmerge",
+    "TargetNotFoundError", "UnsupportedFeatureError", "add_weighted_adapter", "backend", "load_adapter", "merge",
+    "save_adapter", "transform", "unmerge",
 ]
 __version__ = "0.1.0"
