@@ -26,11 +26,14 @@ from .errors import AdapterFileError, LoraFxError, UnsupportedFeatureError
 from .graph_builder import attr_at, install_attr
 from .io import CONFIG_NAME, read_adapter_dir, write_adapter_dir
 from .merging import MERGED_ATTR, unmerge
+from .named_programs import is_named_program, named_adapters_of, record_named_config
 from .program import NamedWeights, frozen, graph_base_weights
 from .program_adapters import adapters_of, is_trained_program, program_sites, record_config
+from .registration import ADAPTER_NAME
 
 
-def save_adapter(obj, path: str | os.PathLike, *, initial_adapter: str | os.PathLike | None = None) -> None:
+def save_adapter(obj, path: str | os.PathLike, *, initial_adapter: str | os.PathLike | None = None,
+                 adapter_name: str | None = None) -> None:
     """Write the adapter of a backend / transformed program / GraphModule as a PEFT directory.
 
     Writes what `PeftModel.save_pretrained` writes for the same adapter: the adapter tensors, the
@@ -40,6 +43,9 @@ def save_adapter(obj, path: str | os.PathLike, *, initial_adapter: str | os.Path
     Args:
         obj: a `LoraBackend`, or a program / GraphModule returned by `lora_fx.transform`.
         path: the directory to write.
+        adapter_name: with named adapters (a backend's, a program's): save only that one. All
+            of them are saved in PEFT's `save_pretrained` layout: `"default"` at `path`, every
+            other name in `path/<name>`.
         initial_adapter: PEFT's `path_initial_model_for_weight_conversion`: the directory this
             adapter was saved to right after it was made (PiSSA, OLoRA: before training). The
             adapter is then written as the plain LoRA it amounts to on the *original* base weights:
@@ -60,12 +66,42 @@ def save_adapter(obj, path: str | os.PathLike, *, initial_adapter: str | os.Path
         >>> lora_fx.save_adapter(ep2, tempfile.mkdtemp() + "/adapter")
     """
     if initial_adapter is not None:
+        if adapter_name is not None:
+            raise LoraFxError("initial_adapter converts one adapter; save named adapters one by one without it, or "
+                              "convert each from a backend holding it alone")
         _save_converted(obj, path, initial_adapter)
         return
     if isinstance(obj, LoraBackend):
-        obj.save_adapter(path)
+        obj.save_adapter(path, adapter_name)
         return
+    if is_named_program(obj):
+        _save_named(obj, path, adapter_name)
+        return
+    if adapter_name is not None:
+        raise LoraFxError(f"adapter_name={adapter_name!r}: this {type(obj).__name__} carries one adapter")
     write_adapter_dir(path, *_adapter_files_of(obj))
+
+
+def _save_named(ep, path, adapter_name: str | None) -> None:
+    """Each named adapter of a program as PEFT saves a model's (`default` at `path`, others in
+    `path/<name>`); from a merged one, the adapters it was merged from."""
+    record = getattr(ep, MERGED_ATTR, None)
+    sites = None
+    if record is not None:
+        named, source = record.named, unmerge(ep)
+    else:
+        sites, source = program_sites(ep), ep
+        named, _ = named_adapters_of(ep, sites)
+    base = _base_weights_of(source, sites)
+    names = list(named) if adapter_name is None else [named.check_name(adapter_name)]
+    for name in names:
+        adapters = named[name]
+        adapters.check_savable()
+        tensors = adapters.peft_state_dict()
+        for layer in adapters.base_layers_to_save(base.names):
+            tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = base.get(layer)
+        where = os.fspath(path) if name == ADAPTER_NAME else os.path.join(path, name)
+        write_adapter_dir(where, adapters.config_to_save(), tensors)
 
 
 def _adapter_files_of(obj) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -175,7 +211,7 @@ def converted_to_plain_lora(config: dict[str, Any], tensors: dict[str, torch.Ten
     return data, out
 
 
-def load_adapter(obj, path: str | os.PathLike) -> None:
+def load_adapter(obj, path: str | os.PathLike, *, adapter_name: str | None = None) -> None:
     """Load a PEFT adapter directory into a backend / transformed program / GraphModule, in place.
 
     Same shapes required; nothing recompiles. The adapter's config (alpha, rsLoRA, patterns)
@@ -193,17 +229,39 @@ def load_adapter(obj, path: str | os.PathLike) -> None:
         4.0
     """
     if isinstance(obj, LoraBackend):
-        obj.load_adapter(path)
+        obj.load_adapter(path, adapter_name)
         return
     if _is_merged(obj):
         raise LoraFxError("this program has its adapters merged into its weights; loading another adapter would "
                           "leave those merged values in place. Call lora_fx.unmerge on it first")
+    if is_named_program(obj):
+        _load_named(obj, path, adapter_name)
+        return
+    if adapter_name is not None:
+        raise LoraFxError(f"adapter_name={adapter_name!r}: this {type(obj).__name__} carries one adapter")
     sites = program_sites(obj)
     adapters: AdapterSet = adapters_of(obj, sites)
     cfg, tensors = read_adapter_dir(path)
     baked = adapters.cfg.lora_dropout if is_trained_program(obj) else None
     adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(obj, sites))
     record_config(obj, cfg)  # the program's record follows what it now holds
+
+
+def _load_named(ep, path, adapter_name: str | None) -> None:
+    """New values for one named adapter of a program, in place (its set of adapters is fixed)."""
+    sites = program_sites(ep)
+    named, train = named_adapters_of(ep, sites)
+    if adapter_name is None:
+        raise LoraFxError(f"this program runs {len(named)} named adapters ({list(named)}); say which one the "
+                          "directory replaces: lora_fx.load_adapter(program, dir, adapter_name=...)")
+    if adapter_name not in named:
+        raise LoraFxError(f"no adapter named {adapter_name!r} in this program, whose adapters are {list(named)}; a "
+                          "program's set of adapters is fixed: transform the base program with the new set")
+    adapters = named[adapter_name]
+    cfg, tensors = read_adapter_dir(path)
+    baked = adapters.cfg.lora_dropout if train else None
+    adapters.load(cfg, tensors, source=str(path), baked_dropout=baked, base=_base_weights_of(ep, sites))
+    record_named_config(ep, adapter_name, cfg)
 
 
 def _is_merged(obj) -> bool:

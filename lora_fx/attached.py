@@ -22,14 +22,16 @@ import torch
 from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 
+from . import init_modes
 from .adapters import BASE_LAYER_SUFFIX, PEFT_PREFIX, AdapterSet
 from .distributed import copy_value, full_value, guard_eager_calls, is_sharded, writes_files
 from .errors import LoraFxError, UnsupportedFeatureError
 from .io import read_adapter_dir, write_adapter_dir
 from .layers import layers_of_module, output_layer_names, parameters_outside_holders, without_wrappers
+from .named_adapters import NamedAdapters
 from .passes.merge_adapters import MergedLayer, check_mergeable, merged_layer, subtracted_layer
 from .passes.substitute_saved_modules import select_saved_modules
-from .registration import Registration
+from .registration import ADAPTER_NAME, Registration
 from .rules import effective_config, resolve
 
 # model -> the backend attached to it. Weak both ways: the table keeps neither alive, so a
@@ -52,37 +54,86 @@ def unwrap(model: nn.Module) -> nn.Module:
 class AttachedModel:
     """One model with its adapters; see the module docstring. Made by `attach`."""
 
-    def __init__(self, model: nn.Module, adapters: AdapterSet, saved_paths: list[str],
-                 requires_grad_before: dict[str, bool], registration: Registration):
+    def __init__(self, model: nn.Module, named: NamedAdapters, saved_paths: list[str],
+                 requires_grad_before: dict[str, bool], registrations: dict[str, Registration],
+                 adapter_dtype: torch.dtype | None = None):
         self.model = model
-        self.adapters = adapters
-        self.registration = registration  # the adapters as parameters of the model
+        self.named = named
+        self.registrations = registrations  # adapter name -> its tensors as parameters of the model
         self.saved_paths = saved_paths  # modules_to_save of the model
+        self.adapter_dtype = adapter_dtype
         self._requires_grad_before = requires_grad_before
         self.merged = False
         # While merged: layer -> (original weight data, original bias data) in the exact mode, or
         # layer -> (what subtraction needs besides the adapter, whether the bias was merged too).
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._undo: dict[str, tuple[Any, bool]] = {}
+        self._merged_set: AdapterSet | None = None  # the adapter merged in
         self._guards: list = []  # (EagerCallGuard, hook handle) per adapted layer, in a process group
 
+    @property
+    def adapters(self) -> AdapterSet:
+        """The adapter the model reports as its own (`NamedAdapters.primary`): merged, saved by default."""
+        return self._merged_set if self._merged_set is not None else self.named.primary()
+
     @classmethod
-    def attach(cls, model: nn.Module, owner: object, adapters: AdapterSet, pending: dict | None,
+    def attach(cls, model: nn.Module, owner: object, named: NamedAdapters, pending: dict[str, dict | None],
                adapter_dtype: torch.dtype | None) -> AttachedModel:
-        """Create `adapters` for `model`'s targeted layers (loading `pending`, a PEFT state dict, if
-        given), freeze its base weights, and register `owner` as the model's one backend."""
+        """Create every named adapter for `model`'s targeted layers (loading `pending[name]`, a PEFT
+        state dict, where given), freeze its base weights, and register `owner` as the model's one
+        backend."""
         holder = _ATTACHED.get(model)
         if holder is not None and holder() is not None:
             raise LoraFxError(
                 "this model is already attached to another lora_fx backend; two backends on one model would fight "
                 "over its weights (merging one changes what the other's graphs compute) and its requires_grad "
                 "flags. Use that backend (load_adapter, set_scale), or call its detach() first")
+        attached = cls(model, named, [], {}, {}, adapter_dtype)
+        try:
+            for name, adapters in list(named.items()):
+                attached._create(name, adapters, pending.get(name))
+        except BaseException:
+            for reg in attached.registrations.values():
+                reg.unregister()
+            raise
+        named.generation += 1
+        cfg = named.primary().cfg
+        resolved = {layer for aset in named.sets.values() for layer in aset.entries}
+        adapter_ids = attached.held_ids()
+        base = [(name, p) for name, p in model.named_parameters() if id(p) not in adapter_ids]
+        attached._requires_grad_before = {name: p.requires_grad for name, p in base}
+        for name, p in base:
+            p.requires_grad_(_base_trainable(cfg.bias, without_wrappers(name), resolved))
+        _ATTACHED[model] = weakref.ref(owner)
+        attached._guard_if_distributed()
+        return attached
+
+    def _create(self, name: str, adapters: AdapterSet, pending: dict | None) -> None:
+        """Create the adapter `adapters` (its config resolved on this model's layers), load `pending`
+        into it and register it under `name` (adding it to the table if it is not there yet);
+        nothing of the model changes if any step fails."""
+        model = self.model
+        others = [self.named.sets[n] for n in self.registrations if n != name]
+        if others and (adapters.cfg.saved_module_names() or self.saved_paths):
+            raise UnsupportedFeatureError(
+                f"adapter {name!r}: modules_to_save (or a task_type with a head, as PEFT's SEQ_CLS) with more than "
+                "one named adapter is not supported yet; give the adapters no modules_to_save")
+        if others and init_modes.mode_for(adapters.cfg.init_lora_weights).rewrites_base:
+            raise UnsupportedFeatureError(
+                f"adapter {name!r}: init_lora_weights={adapters.cfg.init_lora_weights!r} rewrites the base weights, "
+                "which the other loaded adapters were trained against; initialise it in a model of its own and "
+                "load the converted adapter (docs/init.md)")
+        for other in others:
+            if other.cfg.bias != adapters.cfg.bias:
+                raise UnsupportedFeatureError(
+                    f"adapter {name!r}: bias={adapters.cfg.bias!r}, but the loaded adapters train base biases per "
+                    f"bias={other.cfg.bias!r}; named adapters share the base model, so they must agree")
         layers, output_layers = layers_of_module(model), output_layer_names(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         adapters.cfg = cfg = effective_config(adapters.cfg, layers, output_layers, model_type)
         resolved = resolve(layers, cfg, output_layers)
         saved_paths = select_saved_modules(cfg.saved_module_names(),
-                                           [without_wrappers(name) for name, _ in model.named_modules()])
+                                           [without_wrappers(n) for n, _ in model.named_modules()])
         for path in saved_paths:
             module = model.get_submodule(path)
             buffers = sorted(set(module.state_dict()) - {n for n, _ in module.named_parameters()})
@@ -90,29 +141,48 @@ class AttachedModel:
                 raise UnsupportedFeatureError(
                     f"modules_to_save: module {path!r} has persistent buffers ({', '.join(buffers[:3])}: e.g. "
                     "BatchNorm running statistics); saving modules with buffers is not supported yet")
-        adapters.add(resolved, dtype=adapter_dtype, base=ModelWeights(model))
+        adapters.add(resolved, dtype=self.adapter_dtype, base=ModelWeights(model))
         for path in saved_paths:
-            for name, p in parameters_outside_holders(model.get_submodule(path)):
-                adapters.saved_copy(path, name, p)
+            for pname, p in parameters_outside_holders(model.get_submodule(path)):
+                adapters.saved_copy(path, pname, p)
         if pending is not None:
             adapters.load_peft_state_dict(pending, source="adapter directory", base=ModelWeights(model))
-        registration = Registration.register(model, adapters)
-        adapter_ids = registration.held_ids()
-        base = [(name, p) for name, p in model.named_parameters() if id(p) not in adapter_ids]
-        before = {name: p.requires_grad for name, p in base}
-        for name, p in base:
-            p.requires_grad_(_base_trainable(cfg.bias, without_wrappers(name), resolved))
-        _ATTACHED[model] = weakref.ref(owner)
-        attached = cls(model, adapters, saved_paths, before, registration)
-        attached._guard_if_distributed()
-        return attached
+        self.registrations[name] = Registration.register(model, adapters, name)
+        self.saved_paths = self.saved_paths or saved_paths
+        if name not in self.named:
+            self.named.add(name, adapters)
+
+    def add_adapter(self, name: str, adapters: AdapterSet, pending: dict | None = None) -> None:
+        """Add a named adapter to the attached model (see `_create`); its base weights stay frozen."""
+        self.refuse_if_merged("adding an adapter")
+        self.named.check_new_name(name)
+        self._create(name, adapters, pending)
+        for p in self.named[name].parameters():
+            p.requires_grad_(True)
+
+    def delete_adapter(self, name: str) -> None:
+        self.refuse_if_merged("delete_adapter")
+        self.named.delete(name)
+        self.registrations.pop(name).unregister()
+
+    def held_ids(self) -> set[int]:
+        return {i for reg in self.registrations.values() for i in reg.held_ids()}
+
+    def named_tensors(self):
+        for reg in self.registrations.values():
+            yield from reg.named_tensors()
+
+    def slot(self, adapter: str, owner: str, key: str):
+        reg = self.registrations.get(adapter)
+        return None if reg is None else reg.slot(owner, key)
 
     def _guard_if_distributed(self) -> None:
         """Guard the adapted layers once a process group exists (attach may come before
         `init_process_group`; `lora.parameters()` for the optimizer comes after DDP)."""
         if not self._guards:
             self._guards = guard_eager_calls(self.model, sorted({e.resolved.layer.module_path
-                                                                 for e in self.adapters.entries.values()}))
+                                                                 for aset in self.named.sets.values()
+                                                                 for e in aset.entries.values()}))
             for guard, _ in self._guards:
                 guard.merged = self.merged
 
@@ -120,7 +190,8 @@ class AttachedModel:
         """Take the adapters out of the model and give its parameters back the `requires_grad`
         flags they had before `attach`."""
         self.refuse_if_merged("detach")
-        self.registration.unregister()
+        for reg in self.registrations.values():
+            reg.unregister()
         for _, handle in self._guards:
             handle.remove()
         for name, p in self.model.named_parameters():
@@ -131,40 +202,54 @@ class AttachedModel:
         """The base parameters trained with the adapters (`bias="all"` / `"lora_only"`)."""
         if self.adapters.cfg.bias == "none":
             return []
-        adapters = self.registration.held_ids()
+        adapters = self.held_ids()
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in adapters]
 
     # -- adapter values ----------------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike) -> None:
-        """Write a PEFT directory. A sharded model's tensors are gathered (every process calls
-        this) and the process of rank 0 writes."""
-        self.adapters.check_savable()
+    def save_adapter(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write PEFT directories in `save_pretrained`'s layout: the adapter `default` at `path`, every
+        other name in `path/<name>` (all of them, or `adapter_name` alone). A sharded model's tensors
+        are gathered (every process calls this) and the process of rank 0 writes."""
         self.follow()
-        tensors = self.adapters.peft_state_dict()
+        names = list(self.named) if adapter_name is None else [self.named.check_name(adapter_name)]
+        for name in names:
+            self._write(self.named[name], os.fspath(path) if name == ADAPTER_NAME else os.path.join(path, name))
+
+    def _write(self, adapters: AdapterSet, path: str) -> None:
+        adapters.check_savable()
+        tensors = adapters.peft_state_dict()
         base = ModelWeights(self.model)
-        for layer in self.adapters.base_layers_to_save(self.adapters.entries):
+        for layer in adapters.base_layers_to_save(adapters.entries):
             # While merged the model's weight holds the adapter: save the original.
             weight = self._original_weight(layer) if self.merged else base.get(layer)
             tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = full_value(weight)
         if writes_files():
-            write_adapter_dir(path, self.adapters.config_to_save(), tensors)
+            write_adapter_dir(path, adapters.config_to_save(), tensors)
 
-    def load_adapter(self, path: str | os.PathLike) -> None:
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Load a PEFT directory: into the named adapter in place (None: the primary one), or as a
+        new adapter under a new name. Nothing changes unless every check passes."""
         self.refuse_if_merged("load_adapter")
         self.follow()
         cfg, tensors = read_adapter_dir(path)
-        self.adapters.load(cfg, tensors, source=os.fspath(path), base=ModelWeights(self.model))
+        if adapter_name is not None and adapter_name not in self.named:
+            self.add_adapter(adapter_name, AdapterSet(cfg), tensors)
+            return
+        target = self.adapters if adapter_name is None else self.named[adapter_name]
+        target.load(cfg, tensors, source=os.fspath(path), base=ModelWeights(self.model))
 
     def follow(self, *, in_forward: bool = False) -> None:
         """The adapters the model holds now (a wrapper such as FSDP2 may have replaced them), on
         their base weights' devices (materialised if made on the meta device). `in_forward`: the
         model is running (see `Registration.sync`)."""
         self._guard_if_distributed()
-        pending = self.registration.sync(self.adapters, in_forward=in_forward)
-        sources = {(module, name): self.model.get_submodule(module).get_parameter(name)
-                   for module, copies in self.adapters.saved.items() for name in copies}
-        self.adapters.follow(layer_weights(self.model, self.adapters.entries), sources)
-        self.registration.adopt(pending)
+        for name, adapters in self.named.items():
+            registration = self.registrations[name]
+            pending = registration.sync(adapters, in_forward=in_forward)
+            sources = {(module, pname): self.model.get_submodule(module).get_parameter(pname)
+                       for module, copies in adapters.saved.items() for pname in copies}
+            adapters.follow(layer_weights(self.model, adapters.entries), sources)
+            registration.adopt(pending)
 
     def refuse_if_merged(self, what: str) -> None:
         if self.merged:
@@ -176,9 +261,12 @@ class AttachedModel:
         """Point the adapted `nn.Parameter`s at merged values (see `LoraBackend.merge`)."""
         if self.merged:
             raise LoraFxError("the adapters are already merged")
+        if self.named.selection.mode != "uniform":
+            raise LoraFxError(f"merge folds one adapter into the weights, but {self._running()}; "
+                              "set_adapter(name) first")
         check_mergeable(self.adapters)
         self.follow()
-        sharded = [name for name, t in self.registration.named_tensors() if is_sharded(t)]
+        sharded = [name for name, t in self.named_tensors() if is_sharded(t)]
         if sharded:
             raise UnsupportedFeatureError(
                 f"cannot merge adapters sharded across processes ({sharded[0]!r} is a DTensor): merging writes whole "
@@ -227,9 +315,17 @@ class AttachedModel:
         self._undo = {}
         self._set_merged(False)
 
+    def _running(self) -> str:
+        sel = self.named.selection
+        if sel.mode == "base":
+            return "the adapters are disabled"
+        return f"each row runs its own adapter ({list(sel.names)})"
+
     def _set_merged(self, merged: bool) -> None:
+        self._merged_set = self.named.primary() if merged else None
         self.merged = merged
-        self.registration.set_merged(merged)  # loading adapter values into the model is refused while merged
+        for reg in self.registrations.values():
+            reg.set_merged(merged)  # loading adapter values into the model is refused while merged
         for guard, _ in self._guards:  # merged weights are right outside compiled graphs too
             guard.merged = merged
 

@@ -9,6 +9,7 @@ gradients flow to them through AOTAutograd like to any input.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import weakref
@@ -30,6 +31,7 @@ from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
 from .graph_builder import copy_graph_module, graph_fake_mode, node_value
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
 from .layers import without_wrappers
+from .named_adapters import NamedAdapters
 from .passes.differentiate_base_ops import differentiate_base_ops
 from .passes.find_targets import (
     SITE_KEY,
@@ -43,6 +45,7 @@ from .passes.find_targets import (
     unmatched_layers,
     weight_node,
 )
+from .passes.inject_adapter_bank import inject_adapter_bank
 from .passes.inject_adapters import inject_adapters, sanitize
 from .passes.substitute_saved_modules import (
     SAVED_READS_KEY,
@@ -51,6 +54,7 @@ from .passes.substitute_saved_modules import (
     select_saved_modules,
     substitute_saved_modules,
 )
+from .registration import ADAPTER_NAME
 from .rules import effective_config, resolve
 
 
@@ -70,7 +74,9 @@ class LoraBackend:
     """The object `lora_fx.backend(spec)` returns; pass it as `torch.compile(..., backend=)`.
 
     Args:
-        spec: a `LoraConfig` or the path of a PEFT adapter directory.
+        spec: a `LoraConfig` or the path of a PEFT adapter directory (one adapter, named
+            `"default"`), or a dict `{name: LoraConfig | directory}` of named adapters (the first
+            is active; see `set_adapter`).
         inner: the backend that compiles the rewritten graph: "inductor" (default),
             "aot_eager", any registered name, or a callable `(gm, example_inputs) -> fn`.
         adapter_dtype: dtype of the adapter tensors (default: fp32 for a half-precision base,
@@ -89,9 +95,15 @@ class LoraBackend:
 
     def __init__(self, spec: Spec, *, inner: str | Callable = "inductor", adapter_dtype: torch.dtype | None = None,
                  inference_form: bool = True):
-        config, self._pending = read_spec(spec)
+        specs = spec if isinstance(spec, dict) else {ADAPTER_NAME: spec}
+        if not specs:
+            raise LoraFxError("backend({}) names no adapter; give at least one {name: LoraConfig | directory}")
+        self.named = NamedAdapters()
+        self._pending: dict[str, dict | None] = {}
+        for name, one in specs.items():
+            config, self._pending[name] = read_spec(one)
+            self.named.add(name, AdapterSet(config))
         self.inference_form = inference_form
-        self.adapters = AdapterSet(config)
         self.adapter_dtype = adapter_dtype
         self._inner = _inner_backend(inner)
         self._attached: AttachedModel | None = None
@@ -101,9 +113,26 @@ class LoraBackend:
         self.graphs_compiled = 0
 
     @property
+    def adapters(self) -> AdapterSet:
+        """The active adapter (the first active one of a mixed batch; the merged one while merged)."""
+        if self._attached is not None:
+            return self._attached.adapters
+        return self.named.primary()
+
+    @property
     def config(self) -> LoraConfig:
-        """The config of the adapter currently loaded (changes with `load_adapter`)."""
+        """The config of the active adapter (changes with `load_adapter` and `set_adapter`)."""
         return self.adapters.cfg
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the adapters some row runs, in load order (PEFT's `active_adapters`)."""
+        return self.named.active
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every loaded adapter's name, in load order (the `adapter_index` order of programs)."""
+        return list(self.named)
 
     @property
     def merged(self) -> bool:
@@ -125,8 +154,8 @@ class LoraBackend:
         model = inner
         if self._attached is not None:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
-        self._attached = AttachedModel.attach(model, self, self.adapters, self._pending, self.adapter_dtype)
-        self._pending = None
+        self._attached = AttachedModel.attach(model, self, self.named, self._pending, self.adapter_dtype)
+        self._pending = {}
         self._carried.clear()
         return self
 
@@ -146,7 +175,8 @@ class LoraBackend:
         if model is not None:
             self.attach(model)
         self._follow_model()  # the tensors the model holds now (FSDP2 shards them)
-        params = self.adapters.parameters()
+        active = self.named.active if self._attached is None or not self.merged else []
+        params = [p for name in active for p in self.named[name].parameters()] or self.adapters.parameters()
         if self._attached is not None:
             params += self._attached.trainable_base_parameters()
         return params
@@ -171,38 +201,143 @@ class LoraBackend:
         """
         if self._attached is None:
             raise LoraFxError("the adapters are in the model only once it is attached: call lora.attach(model)")
-        return [name for name, _ in self._attached.registration.named_tensors()]
+        return [name for name, _ in self._attached.named_tensors()]
 
     # -- adapter values ----------------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike) -> None:
-        """Write a PEFT adapter directory (`PeftModel.from_pretrained` reads it)."""
+    def save_adapter(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write PEFT adapter directories (`PeftModel.from_pretrained` reads them).
+
+        PEFT's `save_pretrained` layout: the adapter `"default"` (a backend made from one config or
+        directory) at `path`, every other name in `path/<name>`; `adapter_name` saves only that one
+        (at the place that layout gives it)."""
         if not len(self.adapters):
             raise LoraFxError("no adapters yet: call lora.parameters(model) or run the compiled model first")
         if self._attached is not None:
-            self._attached.save_adapter(path)
+            self._attached.save_adapter(path, adapter_name)
             return
         self.adapters.check_savable()
         write_adapter_dir(path, self.adapters.config_to_save(), self.adapters.peft_state_dict())
 
-    def load_adapter(self, path: str | os.PathLike) -> None:
-        """Load another adapter of the same shapes in place; compiled code is reused as is.
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Load a PEFT adapter directory.
 
-        Its config becomes the backend's: scalings follow its `lora_alpha` (and patterns),
-        `save_adapter` writes it, and the scale factor goes back to 1. A different
-        `lora_dropout` takes effect too (training graphs are rebuilt for it)."""
+        Into an adapter already loaded (`adapter_name` of one, or None: the active one): in place,
+        same shapes; compiled code is reused as is. Its config becomes that adapter's: scalings
+        follow its `lora_alpha` (and patterns), `save_adapter` writes it, and the scale factor goes
+        back to 1. A different `lora_dropout` takes effect too (training graphs are rebuilt for it).
+
+        Under a new `adapter_name` (the model must be attached): a new adapter beside the others,
+        of any rank and target set; graphs are built anew once for the new set of adapters, and
+        switching between them afterwards recompiles nothing (`set_adapter`).
+
+        Nothing changes unless every check passes (shapes, keys, values, config).
+
+        Example:
+            >>> import tempfile, torch, lora_fx
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["0"])).attach(model)
+            >>> path = tempfile.mkdtemp(); lora.save_adapter(path)
+            >>> lora.load_adapter(path, adapter_name="copy"); lora.adapter_names
+            ['default', 'copy']
+        """
         self._carried.clear()  # state between calls belongs to the sequences of the old adapter
         if self._attached is not None:
-            self._attached.load_adapter(path)
+            self._attached.load_adapter(path, adapter_name)
             return
+        if adapter_name is not None and adapter_name not in self.named:
+            raise LoraFxError("loading a new named adapter needs the model: attach it first with "
+                              "lora.parameters(model) (or lora.attach(model))")
         cfg, tensors = read_adapter_dir(path)
-        self.adapters.load(cfg, tensors, source=os.fspath(path))
+        target = self.adapters if adapter_name is None else self.named[adapter_name]
+        target.load(cfg, tensors, source=os.fspath(path))
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add a new adapter, initialised from `config`, beside the loaded ones (PEFT's
+        `add_adapter`); the active adapter does not change. The model must be attached."""
+        if self._attached is None:
+            raise LoraFxError("add_adapter needs the model: attach it first with lora.parameters(model)")
+        if not isinstance(config, LoraConfig):
+            raise LoraFxError(f"add_adapter takes a LoraConfig, got {type(config).__name__}")
+        self._attached.add_adapter(adapter_name, AdapterSet(config))
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs) -> None:
+        """Add `adapter_name`, the combination of loaded adapters (PEFT's `add_weighted_adapter`;
+        `lora_fx.weighted.add_weighted_adapter` does the arithmetic and takes the same `**kwargs`:
+        svd_rank, svd_clamp, density, majority_sign_method, ...). The active adapter does not change.
+
+        Example:
+            >>> import torch, lora_fx
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> cfg = lora_fx.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+            >>> lora = lora_fx.backend({"a": cfg, "b": cfg}).attach(model)
+            >>> lora.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab", combination_type="cat")
+            >>> lora.adapter_names
+            ['a', 'b', 'ab']
+        """
+        from .weighted import add_weighted_adapter
+
+        if self._attached is None:
+            raise LoraFxError("add_weighted_adapter needs the model: attach it first with lora.parameters(model)")
+        self.named.check_new_name(adapter_name)
+        self._follow_model()
+        sources = [(self.named[n].cfg, self.named[n].peft_state_dict()) for n in adapters]
+        cfg, tensors = add_weighted_adapter(sources, weights, combination_type, **kwargs)
+        self._attached.add_adapter(adapter_name, AdapterSet(cfg), tensors)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter that no row runs (its tensors leave the model; graphs over the remaining
+        adapters are built once)."""
+        if self._attached is not None:
+            self._attached.delete_adapter(adapter_name)
+        else:
+            self.named.delete(adapter_name)
+        self._pending.pop(adapter_name, None)
+
+    def set_adapter(self, adapter_name: str | list[str | None]) -> None:
+        """Choose what runs: one adapter name for every row, or a list with one name per row of
+        the batch (`None` or `"__base__"`: that row runs the base model), as PEFT's `set_adapter`
+        and `adapter_names=`. Only the graphs' index input changes: nothing recompiles.
+
+        Example:
+            >>> import torch, lora_fx
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> lora = lora_fx.backend({"a": lora_fx.LoraConfig(r=2, target_modules=["0"]),
+            ...                         "b": lora_fx.LoraConfig(r=4, target_modules=["0"])},
+            ...                        inner="aot_eager").attach(model)
+            >>> fast = torch.compile(model, backend=lora)
+            >>> lora.set_adapter(["a", "b", None]); y = fast(torch.randn(3, 8))
+            >>> lora.active_adapters
+            ['a', 'b']
+        """
+        if self._attached is not None:
+            self._attached.refuse_if_merged("set_adapter")
+        if isinstance(adapter_name, str):
+            self.named.set_uniform(adapter_name)
+        else:
+            self.named.set_rows(adapter_name)
+        self._carried.clear()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model runs without adapters (PEFT's `disable_adapter`); the
+        selection before it is restored after."""
+        if self._attached is not None:
+            self._attached.refuse_if_merged("disable_adapter")
+        before = self.named.selection
+        self.named.set_base()
+        try:
+            yield
+        finally:
+            self.named.selection = before
 
     def set_scale(self, factor: float) -> None:
         """Multiply every layer's configured scaling by `factor` (0 disables the adapters; 1
         restores the loaded adapter's own scaling)."""
         if self._attached is not None:
             self._attached.refuse_if_merged("set_scale")
-        self.adapters.set_scale(factor)
+        for adapters in self.named.sets.values():
+            adapters.set_scale(factor)
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, *, safe_merge: bool = False, keep_original: bool = True) -> None:
@@ -241,7 +376,7 @@ class LoraBackend:
         # second train/eval build may happen long after this call.
         gm = copy_graph_module(gm)
         self._follow_model(in_forward=True)
-        check_synchronised(self._attached.registration.held_ids() if self._attached is not None else None)
+        check_synchronised(self._attached.held_ids() if self._attached is not None else None)
         # Names in a Dynamo graph are relative to the frame it compiled: the model itself, a
         # function using it (`G.model...`), or a submodule whose forward resumed after a graph
         # break. With a model attached, the graph's names are translated to the model's by the
@@ -254,7 +389,8 @@ class LoraBackend:
             self._adopt_sites(site_nodes, named, example_inputs)
         self._check_sites(named, site_nodes, example_inputs)
         saved_reads = find_saved_module_reads(named.gm, self._saved_modules_in(named.gm), named.state_kind)
-        adapted = any(n.meta[SITE_KEY].layer.name in self.adapters.entries for n in site_nodes)
+        adapted = any(n.meta[SITE_KEY].layer.name in aset.entries
+                      for n in site_nodes for aset in self.named.sets.values())
         if probe is None and not saved_reads and not adapted:
             return self._compile(gm, list(example_inputs))
         # Adapter dropout depends on train/eval, which Dynamo does not guard on unless the model
@@ -265,30 +401,49 @@ class LoraBackend:
         # Merged, the graph is Dynamo's own (the weights it reads hold merged values), reading the
         # copies of modules saved in full (modules_to_save) if there are any.
         def current_key():
-            if self.merged:
-                return "merged"
-            dropout = self.config.lora_dropout
-            training = self._model is not None and bool(self._model.training) and dropout > 0
-            return (training, dropout) if training else (False, 0.0)
+            sel = self.named.selection
+            if self.merged or sel.mode == "base":
+                return "plain"
+            if len(self.named) == 1 and sel.mode == "uniform":
+                dropout = self.config.lora_dropout
+                training = self._model is not None and bool(self._model.training) and dropout > 0
+                # The adapter's name and the table's generation: a graph reads one adapter's tensors.
+                return (training, dropout if training else 0.0, sel.names[0], self.named.generation)
+            dropouts = tuple(a.cfg.lora_dropout for a in self.named.sets.values())
+            training = self._model is not None and bool(self._model.training) and max(dropouts) > 0
+            return ("bank", sel.mode == "mixed", self.named.generation, training, dropouts if training else ())
 
         def build(key, inputs, graph=None):
             self._follow_model(in_forward=True)  # the adapters the model holds now
             mode, renamed = key
             graph = graph or self._renamed(gm, renamed)  # each build rewrites a graph of its own
-            if mode == "merged":
+            if mode == "plain":
+                if not saved_reads:  # Dynamo's own graph: its inputs keep their sources (symbolic floats)
+                    return self._compile(copy_graph_module(gm), list(inputs)), Feeds()
                 return self._build_and_compile(graph, inputs, training=False, with_adapters=False)
+            if mode[0] == "bank":
+                stale = [k for k in compiled if k[0][0] == "bank" and k[0][2] != mode[2]]
+                for k in stale:  # built for a set of adapters that has changed since
+                    del compiled[k]
+                return self._build_and_compile(graph, inputs, training=mode[3], mixed=mode[1])
             return self._build_and_compile(graph, inputs, training=mode[0])
 
         first = (current_key(), rename)
-        compiled = {first: build(first, list(example_inputs), named)}
+        tracing = torch._guards.TracingContext.try_get()
+        compiled: dict = {}
+        compiled[first] = build(first, list(example_inputs), named)
 
         def run(*args):
             renamed = rename if probe is None else self._rename_at_call(args[probe[0]], probe[1])
             key = (current_key(), renamed)
             if key not in compiled:
-                compiled[key] = build(key, list(args))
+                # Built as the first one was: from Dynamo's example inputs (its fakes, which know the
+                # graph's symbolic sizes and floats: a float input read with .item() is data-dependent
+                # otherwise) in the tracing context Dynamo compiled the graph in.
+                with torch._guards.tracing(tracing):
+                    compiled[key] = build(key, list(example_inputs))
             fn, feeds = compiled[key]
-            fed = feeds.values(self._attached.registration if self._attached is not None else None, args)
+            fed = feeds.values(self._attached, args)
             return feeds.keep_carried(fn(*args, *fed))
 
         return run
@@ -373,7 +528,9 @@ class LoraBackend:
         return self._inner(gm, example_inputs)
 
     def _build_and_compile(self, named: RenamedGraph, example_inputs: list[Any], *, training: bool,
-                           with_adapters: bool = True):
+                           with_adapters: bool = True, mixed: bool | None = None):
+        """Rewrite and compile one graph. `mixed` None: the one loaded adapter's graph; False / True:
+        every named adapter's, with an index input choosing one for all rows / one per row."""
         work = named.gm
         graph = work.graph
         site_nodes = find_targets(work, named.state_names)
@@ -382,7 +539,7 @@ class LoraBackend:
         values = dict(zip(placeholders, example_inputs, strict=False))
         feeds = Feeds()
         fake_mode = graph_fake_mode(graph)
-        cache: dict[tuple[str, str], fx.Node] = {}
+        cache: dict[tuple[str, str, str], fx.Node] = {}
         last = [placeholders[-1]]
 
         def new_input(name: str, val) -> fx.Node:
@@ -394,23 +551,34 @@ class LoraBackend:
             last[0] = node
             return node
 
-        def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
-            if (owner, key) not in cache:
+        def provide_named(adapter: str, owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
+            if (adapter, owner, key) not in cache:
                 val = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else None
-                node = new_input(f"lora_{sanitize(owner)}_{sanitize(key)}".lower(), val)
-                cache[owner, key] = node
+                prefix = "lora" if mixed is None else f"lora_{sanitize(adapter)}"
+                node = new_input(f"{prefix}_{sanitize(owner)}_{sanitize(key)}".lower(), val)
+                cache[adapter, owner, key] = node
                 values[node] = tensor
-                feeds.add(owner, key, tensor)
-            return cache[owner, key]
+                feeds.add(adapter, owner, key, tensor)
+            return cache[adapter, owner, key]
+
+        active = self.named.selection.names[0] if mixed is None and with_adapters else None
+
+        def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
+            return provide_named(active or ADAPTER_NAME, owner, key, tensor)
 
         carry = _Carry(feeds, new_input, placeholders, example_inputs, values, self._carried)
+        user_inputs = user_input_names(placeholders, positional=self._forward_arguments())
 
         # Dynamo guards on grad mode, so a graph built without grad only ever runs without it.
         needs_grad = torch.is_grad_enabled() or not self.inference_form
-        if with_adapters:
-            inject_adapters(work, site_nodes, self.adapters, provide, training=training,
-                            user_inputs=user_input_names(placeholders, positional=self._forward_arguments()),
+        if with_adapters and mixed is None:
+            inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=user_inputs,
                             needs_grad=needs_grad, carry=carry)
+            carry.finish(graph)
+        elif with_adapters:
+            index = self._index_input(new_input, user_inputs, placeholders, example_inputs, values, feeds, mixed)
+            inject_adapter_bank(work, site_nodes, self.named, provide_named, index, mixed=mixed, training=training,
+                                user_inputs=user_inputs, needs_grad=needs_grad, carry=carry)
             carry.finish(graph)
         substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
                                  provide)
@@ -426,6 +594,34 @@ class LoraBackend:
         fn = self._compile(work, example_inputs + examples)
         return fn, feeds
 
+    def _index_input(self, new_input, user_inputs: dict[str, fx.Node], placeholders, example_inputs, values,
+                     feeds: Feeds, mixed: bool) -> fx.Node:
+        """The graph input saying which named adapter runs: 0-d, or one per row of the batch (its
+        size that of the batch's first user input, symbolic where the batch is dynamic)."""
+        device = next(t.device for aset in self.named.sets.values() for e in aset.entries.values()
+                      for t in e.tensors.values())
+        batch_of = None
+        if mixed:
+            ordered = sorted(user_inputs.items(), key=lambda kv: kv[0] != "input_ids")
+            batch_of = next((node for _, node in ordered
+                             if isinstance(node_value(node), torch.Tensor) and node_value(node).dim() >= 1), None)
+            if batch_of is None:
+                raise LoraFxError("set_adapter with one name per row needs a batched tensor input to the model; this "
+                                  f"graph's inputs are {sorted(user_inputs)}")
+        like = node_value(batch_of) if batch_of is not None else None
+        val = None
+        fake = like if like is not None and is_fake(like) else None
+        fake_mode = fake.fake_mode if fake is not None else graph_fake_mode(placeholders[0].graph)
+        if fake_mode is not None:
+            with fake_mode:
+                val = (torch.zeros(fake.shape[0], dtype=torch.int64, device=device) if mixed
+                       else torch.zeros((), dtype=torch.int64, device=device))
+        node = new_input("lora_adapter_index", val)
+        item = _IndexInput(self.named, placeholders.index(batch_of) if batch_of is not None else None, device)
+        values[node] = item.value(example_inputs)
+        feeds.add_carried(item)
+        return node
+
     def _forward_arguments(self) -> list[str] | None:
         """The attached model's `forward` parameters that can be given by position (names the
         inputs of a graph whose frame takes `*args`); None without a model."""
@@ -440,6 +636,9 @@ class LoraBackend:
 
     def _adopt_sites(self, site_nodes: list[fx.Node], named: RenamedGraph, example_inputs) -> None:
         """No model attached: create (or load) adapters for the layers this graph holds."""
+        if len(self.named) > 1:
+            raise LoraFxError(f"{len(self.named)} named adapters ({list(self.named)}) need the model: attach it with "
+                              "lora.parameters(model) or lora.attach(model) before the first compiled call")
         gm = named.gm
         placeholders = _placeholders(gm)
         layers, output_layers = graph_layers(gm, site_nodes, named.state_names), output_layer_names_of_graph(site_nodes)
@@ -466,13 +665,14 @@ class LoraBackend:
                 if module not in self.adapters.saved and module not in new_saved:
                     new_saved.append(module)
                 self.adapters.saved_copy(module, name, values[inp])
-        if self._pending is None:
+        pending = next(iter(self._pending.values()), None)
+        if pending is None:
             return
         storage = self.adapters.storage_names()
         # Names here are relative to the compiled frame: a layer the directory has no tensors for
         # would silently run with freshly initialised factors. Refuse it by name instead.
         for name in added:
-            if not any(k.startswith(f"{PEFT_PREFIX}{storage[name]}.") for k in self._pending):
+            if not any(k.startswith(f"{PEFT_PREFIX}{storage[name]}.") for k in pending):
                 raise LoraFxError(
                     f"layer {name!r} (as the compiled graph names it) is targeted by the adapter's config but the "
                     "adapter directory holds no tensors under that name. Names in the graph are relative to the "
@@ -480,8 +680,8 @@ class LoraBackend:
                     "names")
         prefixes = tuple(f"{PEFT_PREFIX}{storage[name]}." for name in added) + tuple(
             f"{PEFT_PREFIX}{name}." for name in new_saved)
-        base_keys = base_weight_keys(self._pending, base)
-        mine = {k: v for k, v in self._pending.items() if k.startswith(prefixes) or k in base_keys}
+        base_keys = base_weight_keys(pending, base)
+        mine = {k: v for k, v in pending.items() if k.startswith(prefixes) or k in base_keys}
         if mine:
             sub = AdapterSet(self.config)
             sub.entries = {name: self.adapters.entries[name] for name in added}
@@ -492,9 +692,12 @@ class LoraBackend:
         """Every adapted layer this graph runs is a site here, under its own name, of the shape its
         adapter was made for."""
         gm = named.gm
+        entries = {}  # every named adapter's layers (one adapter's entry per layer: shapes agree)
+        for aset in self.named.sets.values():
+            entries.update(aset.entries)
         if self._model is not None:
             values = dict(zip(_placeholders(gm), example_inputs, strict=False))
-            adapted_weights = {id(w): name for name, w in layer_weights(self._model, self.adapters.entries).items()}
+            adapted_weights = {id(w): name for name, w in layer_weights(self._model, entries).items()}
             for node in site_nodes:
                 layer = node.meta[SITE_KEY].layer.name
                 weight = values.get(weight_node(node))
@@ -505,14 +708,14 @@ class LoraBackend:
                                       f"{layer!r}, which lora_fx cannot match to the attached model; compile the "
                                       "model itself")
         for layer in unmatched_layers(gm, site_nodes, named.state_names):
-            if layer.name in self.adapters.entries:
+            if layer.name in entries:
                 raise UnsupportedFeatureError(f"layer {layer.name!r} has an adapter, but lora_fx cannot adapt its call "
                                               f"in the compiled graph: {layer.unsupported}")
         # A quantized layer is found by its module call; one whose weight this graph reads with no
         # whole call of it here (a graph break inside its forward) would silently lose its adapter.
         sited = {node.meta[SITE_KEY].layer.name for node in site_nodes}
         read = set(named.state_names.values())
-        for name, entry in self.adapters.entries.items():
+        for name, entry in entries.items():
             if entry.resolved.layer.kind.module_boundary and name not in sited and f"{name}.weight" in read:
                 raise UnsupportedFeatureError(
                     f"layer {name!r} has an adapter, but its forward does not run whole in this compiled graph (it "
@@ -520,7 +723,7 @@ class LoraBackend:
                     "lora_fx cannot tell its output")
         for node in site_nodes:
             layer = node.meta[SITE_KEY].layer
-            entry = self.adapters.entries.get(layer.name)
+            entry = entries.get(layer.name)
             if entry is None:
                 continue
             have = entry.resolved.layer
@@ -540,16 +743,16 @@ class Feeds:
     new value kept in, the backend's store: the graph returns it after the model's outputs."""
 
     def __init__(self):
-        self._items: list[tuple[str, str, torch.Tensor] | _CarriedInput] = []
+        self._items: list[tuple[str, str, str, torch.Tensor] | _CarriedInput | _IndexInput] = []
         self._resolved_for: object = self  # no registration resolved yet (None is one: detached)
-        self._slots: list[tuple[dict, str] | _CarriedInput] = []
+        self._slots: list[tuple[dict, str] | _CarriedInput | _IndexInput] = []
         self._carried_out: list[str] = []  # keys of the graph's extra outputs, in order
         self._store: dict[str, torch.Tensor] = {}
 
-    def add(self, owner: str, key: str, tensor: torch.Tensor) -> None:
-        self._items.append((owner, key, tensor))
+    def add(self, adapter: str, owner: str, key: str, tensor: torch.Tensor) -> None:
+        self._items.append((adapter, owner, key, tensor))
 
-    def add_carried(self, item: _CarriedInput) -> None:
+    def add_carried(self, item: _CarriedInput | _IndexInput) -> None:
         self._items.append(item)
         self._resolved_for = self
 
@@ -557,13 +760,16 @@ class Feeds:
         self._carried_out.append(key)
         self._store = store
 
-    def values(self, registration, args=()) -> list[torch.Tensor]:
-        if registration is not self._resolved_for:
-            self._slots = [item if isinstance(item, _CarriedInput) else
-                           (registration.slot(item[0], item[1]) if registration is not None else None)
-                           or ({item[1]: item[2]}, item[1]) for item in self._items]
-            self._resolved_for = registration
-        return [slot.value(args) if isinstance(slot, _CarriedInput) else slot[0][slot[1]] for slot in self._slots]
+    def values(self, attached, args=()) -> list[torch.Tensor]:
+        """The fed inputs' values for this call; `attached` (an `AttachedModel`, or None) says where
+        each adapter tensor is registered."""
+        if attached is not self._resolved_for:
+            self._slots = [item if isinstance(item, (_CarriedInput, _IndexInput)) else
+                           (attached.slot(*item[:3]) if attached is not None else None)
+                           or ({item[2]: item[3]}, item[2]) for item in self._items]
+            self._resolved_for = attached
+        return [slot.value(args) if isinstance(slot, (_CarriedInput, _IndexInput)) else slot[0][slot[1]]
+                for slot in self._slots]
 
     def keep_carried(self, outputs):
         """The model's outputs, after storing the carried values the graph appended to them."""
@@ -590,6 +796,25 @@ class _CarriedInput:
         if held is None or held.shape[0] != like.shape[0] or held.device != like.device or held.dtype != self.dtype:
             return torch.zeros(like.shape[0], dtype=self.dtype, device=like.device)
         return held
+
+
+class _IndexInput:
+    """The index input of a graph over named adapters: which adapter runs (per row when `batch_index`
+    names the input whose first dimension is the batch). Cached per selection and batch size."""
+
+    def __init__(self, named: NamedAdapters, batch_index: int | None, device: torch.device):
+        self.named, self.batch_index, self.device = named, batch_index, device
+        self._cache: tuple | None = None
+
+    def value(self, args) -> torch.Tensor:
+        rows = args[self.batch_index].shape[0] if self.batch_index is not None else 0
+        key = (self.named.selection, rows, self.named.generation)
+        if self._cache is None or self._cache[0] != key:
+            sel = self.named.selection
+            if (self.batch_index is None) != (sel.mode == "uniform"):
+                raise LoraFxError("internal: an adapter index built for another kind of selection")  # pragma: no cover
+            self._cache = (key, self.named.row_index(rows, self.device))
+        return self._cache[1]
 
 
 class _Carry:

@@ -38,7 +38,9 @@ from .graph_builder import GraphBuilder
 _SOURCE = re.compile(r"^L\[['\"]([^'\"]+)['\"]\]$")
 _KWARG = re.compile(r"^L\[['\"]kwargs['\"]\]\[['\"]([^'\"]+)['\"]\]$")
 _ARG = re.compile(r"^L\[['\"]args['\"]\]\[(\d+)\]$")
-_MODULE_ARG = re.compile(r"^L\[['\"]args['\"]\]\[0\]\.")  # `args[0]` is the module itself (`__call__`)
+# `args[0]` is the module itself (`__call__`): its parameters / buffers / submodules are read through it
+# (not `L['args'][0].size()[0]`, the dynamic batch size of a first tensor argument).
+_MODULE_ARG = re.compile(r"^L\[['\"]args['\"]\]\[0\]\.(_modules|_parameters|_buffers)\b")
 
 
 def user_input_names(placeholders: list[fx.Node], user: set[str] | None = None,

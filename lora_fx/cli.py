@@ -3,12 +3,17 @@
     python -m lora_fx bake --model ./llama --adapter ./adapter --out ./llama-merged
     python -m lora_fx bake --model ./llama --adapter ./adapter --format aoti --out model.pt2 --batch 1 --seq-len 128
     python -m lora_fx bake --model-config config.json --adapter ./adapter --out ./merged   # random base (tests)
+    python -m lora_fx bake --model ./llama --adapter a=./ad_a --adapter b=./ad_b --format aoti --unmerged --out m.pt2
 
 `--format hf` (default) writes a transformers checkpoint (safetensors) with the adapter merged
 into the weights; `from_pretrained` loads it like any model. `--format aoti` exports the model
 (input_ids -> logits), injects the adapter, merges it (or not, with `--unmerged`) and packages
 it with AOTInductor; `torch._inductor.aoti_load_package(path)(input_ids)` runs it in any
-process. Output is written next to its final place and renamed into it at the end: a failure
+process. Several `--adapter name=dir` (`--format aoti --unmerged`) package one program serving all
+of them: it takes `adapter_index` (int64 per row: the adapter's position in the order given, -1
+for the base model) after `input_ids`, and the adapter tensors stay constants that
+`runner.load_constants(lora_fx.adapter_state(program))` replaces (docs/many_adapters.md).
+Output is written next to its final place and renamed into it at the end: a failure
 leaves nothing behind, and an existing output is only replaced with `--overwrite`.
 """
 
@@ -42,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     src = bake.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local transformers model directory (config.json + weights)")
     src.add_argument("--model-config", help="a transformers config.json: a randomly initialised model (--seed)")
-    bake.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + "
-                      "adapter_model.safetensors)")
+    bake.add_argument("--adapter", required=True, action="append",
+                      help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); repeat as "
+                      "name=dir for a program of named adapters (--format aoti --unmerged)")
     bake.add_argument("--out", required=True, help="output directory (hf) or .pt2 file (aoti)")
     bake.add_argument("--format", choices=["hf", "aoti"], default="hf")
     bake.add_argument("--unmerged", action="store_true", help="aoti only: package the adapter program unmerged")
@@ -82,8 +88,13 @@ def _check_args(args) -> None:
             raise BakeError(f"--model {args.model!r} has no config.json (is it a transformers model directory?)")
     elif not os.path.isfile(args.model_config):
         raise BakeError(f"--model-config {args.model_config!r} does not exist")
-    if not os.path.isdir(args.adapter):
-        raise AdapterFileError(f"--adapter {args.adapter!r} is not a directory")
+    args.named = _named_adapters(args.adapter)
+    for path in args.named.values():
+        if not os.path.isdir(path):
+            raise AdapterFileError(f"--adapter {path!r} is not a directory")
+    if len(args.adapter) > 1 and not (args.format == "aoti" and args.unmerged):
+        raise BakeError(f"{len(args.adapter)} adapters make one program of named adapters, which runs them unmerged: "
+                        "use --format aoti --unmerged (or bake one adapter)")
     if args.unmerged and args.format != "aoti":
         raise BakeError("--unmerged only applies to --format aoti (a transformers checkpoint holds merged weights)")
     if os.path.exists(args.out) and not args.overwrite:
@@ -93,6 +104,21 @@ def _check_args(args) -> None:
         raise BakeError(f"the directory of --out ({parent!r}) does not exist")
     if args.format == "aoti" and not args.out.endswith(".pt2"):
         raise BakeError(f"--format aoti writes a .pt2 package; --out {args.out!r} should end in .pt2")
+
+
+def _named_adapters(values: list[str]) -> dict[str, str]:
+    """`--adapter` values: one directory, or `name=dir` each (names unique)."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {"default": values[0]}
+    named = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name:
+            raise BakeError(f"--adapter {value!r}: with several adapters give each as name=dir")
+        if name in named:
+            raise BakeError(f"--adapter: the name {name!r} is given twice")
+        named[name] = path
+    return named
 
 
 def _load_model(args):
@@ -163,6 +189,7 @@ def bake(args) -> str:
 
     from . import backend as make_backend
     from .merging import merge
+    from .named_programs import aoti_package
     from .program import transform
 
     _check_args(args)
@@ -178,7 +205,7 @@ def bake(args) -> str:
 
     try:
         step(0)
-        lora = make_backend(args.adapter, inner="aot_eager")  # validates the adapter directory
+        lora = make_backend(args.named, inner="aot_eager")  # validates the adapter directories
         step(1)
         model = _load_model(args)
         if args.format == "hf":
@@ -200,12 +227,13 @@ def bake(args) -> str:
             with _logits_only(model):
                 ep = torch.export.export(model, (ids,), dynamic_shapes=dynamic)
             step(3)
-            program = transform(ep, args.adapter)
+            single = list(args.named) == ["default"] and "=" not in args.adapter[0]
+            program = transform(ep, args.named["default"] if single else args.named)
             if not args.unmerged:
                 program = merge(program, safe_merge=args.safe_merge)
             step(4)
             with _staging(args.out, is_dir=False) as tmp:
-                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+                aoti_package(program, tmp)
         bar.update(1)
     finally:
         bar.close()

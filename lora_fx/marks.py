@@ -34,9 +34,14 @@ BASE = "lora_fx.base"
 CONFIG = "lora_fx.config"
 
 
-def config_mark(config: dict, train: bool) -> str:
-    """The `CONFIG` mark's value: the config as PEFT saves it, and whether dropout is compiled in."""
-    return json.dumps({"config": config, "train": bool(train)}, sort_keys=True, default=list)
+def config_mark(config: dict, train: bool, named: dict[str, dict] | None = None) -> str:
+    """The `CONFIG` mark's value: the config as PEFT saves it, and whether dropout is compiled in;
+    for a graph over several named adapters also `named`, each adapter's config by name, in index
+    order (`named_programs.py`)."""
+    data = {"config": config, "train": bool(train)}
+    if named is not None:
+        data["named"] = [[name, cfg] for name, cfg in named.items()]
+    return json.dumps(data, sort_keys=True, default=list)
 
 
 def read_config_mark(graph: fx.Graph) -> tuple[dict, bool] | None:
@@ -46,6 +51,18 @@ def read_config_mark(graph: fx.Graph) -> tuple[dict, bool] | None:
         if value is not None:
             data = json.loads(value)
             return data["config"], bool(data["train"])
+    return None
+
+
+def read_named_mark(graph: fx.Graph) -> tuple[dict[str, dict], bool] | None:
+    """({adapter name: config dict}, in index order; train) of a graph over named adapters, or None."""
+    for node in graph.nodes:
+        value = get_mark(node, CONFIG)
+        if value is not None:
+            data = json.loads(value)
+            if "named" not in data:
+                return None
+            return {name: cfg for name, cfg in data["named"]}, bool(data["train"])
     return None
 
 

@@ -29,7 +29,9 @@ from .adapters import AdapterSet
 from .backend import LoraBackend
 from .errors import LoraFxError
 from .graph_builder import attr_at, copy_graph_module, install_attr
-from .marks import INPUT, MERGED, get_mark, marked_layers
+from .marks import INPUT, MERGED, clear_mark, get_mark, marked_layers
+from .named_adapters import NamedAdapters
+from .named_programs import INDEX_INPUT, inject_named, is_named_program, named_adapters_of, without_index_kwarg
 from .passes.find_targets import find_targets, signature_parameters, signature_state_names
 from .passes.merge_adapters import (
     MergedLayer,
@@ -62,11 +64,12 @@ class MergeRecord:
     adapters: AdapterSet
     train: bool
     names: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # layer -> (weight, bias or None)
+    named: Any = None  # a named program's: all of its adapters (`NamedAdapters`), unmerge restores them
     originals: dict[str, Any] | None = None  # name -> original tensor (or module, call_module sites)
     undo: dict[str, tuple[Any, bool]] = field(default_factory=dict)  # layer -> (undo, bias merged too)
 
 
-def merge(obj, *, safe_merge: bool = False, keep_original: bool = True):
+def merge(obj, *, safe_merge: bool = False, keep_original: bool = True, adapter_name: str | None = None):
     """Fold the adapters into the base weights.
 
     Args:
@@ -78,6 +81,9 @@ def merge(obj, *, safe_merge: bool = False, keep_original: bool = True):
             nothing extra for programs, whose originals the caller's program holds anyway; for
             the backend the originals stay alive beside the merged weights). False: unmerge
             subtracts instead (rounding error).
+        adapter_name: a program of named adapters (`transform(ep, {name: ...})`): the one to
+            merge (required there); the merged program takes no `adapter_index`, and `unmerge`
+            gives back the program with all of them.
 
     Example:
         >>> import torch, lora_fx
@@ -97,6 +103,11 @@ def merge(obj, *, safe_merge: bool = False, keep_original: bool = True):
         return obj
     if hasattr(obj, MERGED_ATTR):
         raise LoraFxError(f"this {type(obj).__name__} is already merged")
+    if is_named_program(obj):
+        return _merge_named_program(obj, adapter_name, safe_merge, keep_original)
+    if adapter_name is not None:
+        raise LoraFxError("adapter_name names one adapter of a program of named adapters (transform(ep, {name: ...})); "
+                          f"this {type(obj).__name__} carries one adapter")
     if isinstance(obj, ExportedProgram):
         return _merge_program(obj, safe_merge, keep_original)
     if isinstance(obj, fx.GraphModule):
@@ -126,6 +137,8 @@ def unmerge(obj):
         raise merged_copy_error(obj)
     if not isinstance(record, MergeRecord):
         raise LoraFxError(f"this {type(obj).__name__} was not made by lora_fx.merge; nothing to unmerge")
+    if record.named is not None:
+        return _unmerge_named_program(obj, record)
     if isinstance(obj, ExportedProgram):
         return _unmerge_program(obj, record)
     return _unmerge_graph_module(obj, record)
@@ -185,6 +198,73 @@ def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgra
             restored[bias_key] = nn.Parameter(bias, requires_grad=False)
     return _transform_program(ep, record.adapters.cfg, None, record.train, None, adapters=record.adapters,
                               weights=restored)
+
+
+def _merge_named_program(ep: ExportedProgram, adapter_name: str | None, safe_merge: bool,
+                         keep_original: bool) -> ExportedProgram:
+    """One adapter of a named program folded into its weights: the base graph (no `adapter_index`)."""
+    gm, sig = _copy_program_graph(ep)
+    named, train = named_adapters_of(ep, find_targets(gm, signature_state_names(sig), signature_parameters(sig)))
+    if adapter_name is None:
+        raise LoraFxError(f"this program runs {len(named)} named adapters ({list(named)}), one per row; merging folds "
+                          "one into the weights: name it, lora_fx.merge(program, adapter_name=...)")
+    adapters = named[adapter_name]
+    sites, erased = strip_adapters(gm)
+    mine = [layer for layer in sites if layer in adapters.entries]
+    check_mergeable(adapters, mine)
+    check_untied({layer: sites[layer] for layer in mine})
+    snapshot = NamedAdapters()
+    for name, aset in named.items():
+        snapshot.add(name, aset.snapshot())
+    record = MergeRecord(snapshot[adapter_name], train, originals={} if keep_original else None, named=snapshot)
+    new_values = {}
+    for layer in mine:
+        weight_key, bias_key = merged_names(sites[layer][0], layer)
+        m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
+                         ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
+        for key, value in {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}.items():
+            new_values[key] = nn.Parameter(value, requires_grad=False)
+            if record.originals is not None:
+                record.originals[key] = ep.state_dict[key]
+        record.names[layer] = (weight_key, bias_key if m.bias is not None else None)
+        record.undo[layer] = (m.undo, m.bias is not None)
+    for node in gm.graph.nodes:  # layers only other adapters had are base calls again, not merged ones
+        if get_mark(node, MERGED) is not None and get_mark(node, MERGED) not in mine:
+            clear_mark(node, MERGED)
+    erased_specs = [s for s in sig.input_specs if getattr(s.arg, "name", None) in erased]
+    new_sig = ExportGraphSignature(input_specs=[s for s in sig.input_specs if s not in erased_specs],
+                                   output_specs=_repointed_outputs(gm.graph, sig))
+    dropped = {s.target for s in erased_specs if s.target is not None}
+    state_dict = {k: v for k, v in ep.state_dict.items() if k not in dropped}
+    state_dict.update(new_values)
+    example = ep.example_inputs
+    if example is not None:
+        example = (example[0], {k: v for k, v in example[1].items() if k != INDEX_INPUT})
+    new_ep = ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=new_sig, state_dict=state_dict,
+        range_constraints=copy.copy(ep.range_constraints), module_call_graph=without_index_kwarg(ep.module_call_graph),
+        example_inputs=example, constants=ep.constants, verifiers=[ep.verifier])
+    setattr(new_ep, MERGED_ATTR, record)
+    return new_ep
+
+
+def _unmerge_named_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgram:
+    restored = {}
+    for layer, (weight_key, bias_key) in record.names.items():
+        if record.originals is not None:
+            restored.update({k: record.originals[k] for k in (weight_key, bias_key) if k is not None})
+            continue
+        undo, bias_changed = record.undo[layer]
+        weight, bias = subtracted_layer(record.adapters.entries[layer], MergedLayer(
+            ep.state_dict[weight_key], ep.state_dict[bias_key] if bias_changed else None, undo))
+        restored[weight_key] = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            restored[bias_key] = nn.Parameter(bias, requires_grad=False)
+    gm, sig = _copy_program_graph(ep)
+    for node in gm.graph.nodes:
+        clear_mark(node, MERGED)
+    site_nodes = find_targets(gm, signature_state_names(sig), signature_parameters(sig))
+    return inject_named(ep, gm, sig, site_nodes, record.named, record.train, restored)
 
 
 # -- GraphModule -------------------------------------------------------------------------------

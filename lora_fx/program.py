@@ -49,6 +49,13 @@ from .passes.substitute_saved_modules import (
 from .rules import effective_config, resolve
 
 ADAPTERS_ATTR = "lora_fx_adapters"
+# `named_programs.transform_named` (dict specs), which builds on this module: the package's
+# `__init__` imports it, and it registers itself here, so that this module never imports it back.
+_NAMED_TRANSFORM: list[Callable] = []
+
+
+def register_named_transform(fn: Callable) -> None:
+    _NAMED_TRANSFORM[:] = [fn]
 
 
 def _make_adapters(gm, site_nodes, cfg: LoraConfig, pending, adapter_dtype, base: NamedWeights,
@@ -118,7 +125,10 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
         program: a `torch.export.ExportedProgram` (a new one is returned) or a
             `torch.fx.GraphModule` (a new GraphModule is returned; e.g. `ep.module()` or
             `torch.fx.symbolic_trace(model)`).
-        spec: a `LoraConfig` (new adapter) or a PEFT adapter directory.
+        spec: a `LoraConfig` (new adapter) or a PEFT adapter directory; for an ExportedProgram
+            also a dict `{name: LoraConfig | directory}` of named adapters: the program then takes
+            one more keyword input, `adapter_index` (int64, one per row of the batch: the row's
+            adapter's position in the dict, -1 for the base model; `named_programs.py`).
         train: emit adapter dropout (`lora_dropout`) as in training mode.
         adapter_dtype: dtype of new adapter tensors (default: fp32 for half bases).
         stack_on_merged: accept a merged program (`lora_fx.merge`) and take its merged weights as
@@ -133,6 +143,13 @@ def transform(program, spec: Spec, *, train: bool = False, adapter_dtype: torch.
         >>> sorted(k for k in ep2.state_dict if "lora" in k)
         ['0.lora_A.weight', '0.lora_B.weight', '0.lora_scaling']
     """
+    if isinstance(spec, dict):
+        if not isinstance(program, ExportedProgram):
+            raise LoraFxError(f"named adapters ({list(spec)}) are injected into an ExportedProgram (torch.export); got "
+                              f"{type(program).__name__}")
+        refuse_lora_fx_graph(program.graph, allow_merged=stack_on_merged)
+        with _gc_paused():
+            return _NAMED_TRANSFORM[0](program, spec, train=train, adapter_dtype=adapter_dtype)
     cfg, pending = read_spec(spec)
     if isinstance(program, (ExportedProgram, fx.GraphModule)):
         refuse_lora_fx_graph(program.graph, allow_merged=stack_on_merged)

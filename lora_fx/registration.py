@@ -42,43 +42,47 @@ ADAPTER_NAME = "default"  # PEFT's name for the one adapter of a model
 _LEAF_NOT_SAVED = {"lora_magnitude_vector": "weight"}
 
 
-def in_model_name(owner: str, key: str) -> str:
+def in_model_name(owner: str, key: str, adapter: str = ADAPTER_NAME) -> str:
     """The FQN of an adapter tensor in the model: PEFT's, the adapter's name after the tensor's
     first component (`q_proj` + `lora_A.weight` -> `q_proj.lora_A.default.weight`)."""
     head, _, rest = key.partition(".")
     rest = rest or _LEAF_NOT_SAVED.get(head, "")
-    name = f"{owner}.{head}.{ADAPTER_NAME}" if owner else f"{head}.{ADAPTER_NAME}"
+    name = f"{owner}.{head}.{adapter}" if owner else f"{head}.{adapter}"
     return f"{name}.{rest}" if rest else name
 
 
 class Registration:
-    """Where each adapter tensor of one attached model is registered; see the module docstring."""
+    """Where each tensor of one named adapter of an attached model is registered; see the module
+    docstring. Several named adapters share holders (`q_proj.lora_A` holds `default`, `b`, ...)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, adapter: str = ADAPTER_NAME):
         self.model = model
+        self.adapter = adapter
         # (owner, key) as `provide` asks for them -> (holder, leaf)
         self.slots: dict[tuple[str, str], tuple[nn.Module, str]] = {}
-        self._added: list[tuple[nn.Module, str]] = []  # (parent, child name): the holders to remove
 
     @classmethod
-    def register(cls, model: nn.Module, adapters: AdapterSet) -> Registration:
-        """Register `adapters`' tensors in `model`. Nothing is added unless every name is free."""
-        reg = cls(model)
+    def register(cls, model: nn.Module, adapters: AdapterSet, adapter: str = ADAPTER_NAME) -> Registration:
+        """Register `adapters`' tensors in `model` under the adapter name `adapter`. Nothing is
+        added unless every name is free."""
+        reg = cls(model, adapter)
         wanted = list(_tensors_by_slot(adapters))
         for (owner, key), _ in wanted:
-            reg._check_free(owner, in_model_name(owner, key))
+            reg._check_free(owner, in_model_name(owner, key, adapter))
         for slot, tensor in wanted:
-            holder, leaf = reg._holder_for(in_model_name(*slot))
+            holder, leaf = reg._holder_for(in_model_name(*slot, adapter))
             holder.register_parameter(leaf, tensor)
             reg.slots[slot] = (holder, leaf)
         return reg
 
     def unregister(self) -> None:
+        """Remove this adapter's tensors, and every holder left empty by that (holders another named
+        adapter still uses stay, whoever added them)."""
         for holder, leaf in self.slots.values():
             holder._parameters.pop(leaf, None)
-        for parent, child in reversed(self._added):
-            delattr(parent, child)
-        self._added, self.slots = [], {}
+        for slot in self.slots:
+            _prune_empty_holders(self.model, in_model_name(*slot, self.adapter))
+        self.slots = {}
 
     def slot(self, owner: str, key: str) -> tuple[dict[str, torch.Tensor], str] | None:
         """(mapping, key) such that `mapping[key]` is the tensor registered for `(owner, key)` at
@@ -89,7 +93,7 @@ class Registration:
     def named_tensors(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(FQN in the model, the tensor registered there now)."""
         for (owner, key), (holder, leaf) in self.slots.items():
-            yield in_model_name(owner, key), holder._parameters[leaf]
+            yield in_model_name(owner, key, self.adapter), holder._parameters[leaf]
 
     def held_ids(self) -> set[int]:
         """The ids of the tensors registered now."""
@@ -120,9 +124,10 @@ class Registration:
                     pending.append((theirs, ours, setter))
                 elif is_sharded(theirs) or is_fsdp_sharded(self.model):  # FSDP2's, in a forward
                     raise LoraFxError(
-                        f"the adapter {in_model_name(*slot)!r} was made on the meta device and the sharded model now "
-                        "has storage, but its adapters are not initialised yet: call lora.parameters() after to_empty "
-                        "and before the first call (it initialises them, the same on every process: seed alike)")
+                        f"the adapter {in_model_name(*slot, self.adapter)!r} was made on the meta device and the "
+                        "sharded model now has storage, but its adapters are not initialised yet: call "
+                        "lora.parameters() after to_empty and before the first call (it initialises them, the same on "
+                        "every process: seed alike)")
                 else:
                     holder._parameters[leaf] = ours
         return pending
@@ -168,9 +173,22 @@ class Registration:
             if child is None:
                 child = AdapterHolder()
                 module.add_module(part, child)
-                self._added.append((module, part))
             module = child
         return module, leaf
+
+
+def _prune_empty_holders(model: nn.Module, fqn: str) -> None:
+    """Delete the holders on `fqn`'s path that hold nothing any more, deepest first."""
+    chain = [(None, "", model)]
+    for part in fqn.split(".")[:-1]:
+        child = wrapped_child(chain[-1][2], part)
+        if child is None:
+            break
+        chain.append((chain[-1][2], part, child))
+    for parent, part, module in reversed(chain[1:]):
+        if (isinstance(module, AdapterHolder) and not module._parameters and not module._modules
+                and parent._modules.get(part) is module):
+            del parent._modules[part]
 
 
 def _tensors_by_slot(adapters: AdapterSet) -> Iterator[tuple[tuple[str, str], nn.Parameter]]:

@@ -42,31 +42,60 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
     """Rewrite `gm` in place; return the number of sites adapted. `recompile=False` leaves `gm`'s
     code stale, for a caller that builds a new module over the graph anyway (an ExportedProgram).
     `carry`: the route's state between calls (`call_inputs.CarriedState`), where it keeps one."""
-    fake_mode = graph_fake_mode(gm.graph)
-    recorded = config_mark(adapters.cfg.to_peft_dict(), training)
-    call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode, carry)
     storage = adapters.storage_names()
+
+    def inputs_of(entry):
+        owner = storage[entry.name]  # where the program stores them (PEFT's key prefix)
+        params = {key: provide(owner, key, t) for key, t in entry.tensors.items()}
+        scale = provide(owner, SCALING_KEY, entry.scaling)
+        for key, provided in [*params.items(), (SCALING_KEY, scale)]:
+            set_mark(provided, INPUT, [entry.name, key])
+        return params, scale
+
+    def emitter(site):
+        entry = adapters.entries.get(site.layer.name)
+        if entry is None:
+            return None
+        params, scale = inputs_of(entry)
+        return entry.resolved.layer, lambda b, call: entry.variant.emit(b, call, entry.resolved, adapters.cfg,
+                                                                         params, scale)
+
+    return rewrite_sites(gm, site_nodes, emitter, config_mark(adapters.cfg.to_peft_dict(), training),
+                         training=training, user_inputs=user_inputs, needs_grad=needs_grad, recompile=recompile,
+                         carry=carry, needs_base_weight=lambda name: adapters.entries[name].variant.needs_base_weight)
+
+
+# Per site: None (not adapted), or (the layer as resolved, a function emitting its new output).
+Emitter = Callable[[object], "tuple[object, Callable[[GraphBuilder, SiteCall], fx.Node]] | None"]
+
+
+def rewrite_sites(gm: fx.GraphModule, site_nodes: list[fx.Node], emitter: Emitter, recorded: str, *,
+                  training: bool, user_inputs: dict[str, fx.Node] | None, needs_grad: bool, recompile: bool,
+                  carry: CarriedState | None, needs_base_weight: Callable[[str], bool],
+                  call_values: CallValues | None = None) -> int:
+    """The site loop shared by the rewrites of this package (one adapter; several, `inject_adapter_bank`):
+    for each site `emitter` adapts, emit the new output at every call of the site, mark the nodes and
+    point the base output's users at it. See the module docstring for the invariants."""
+    fake_mode = graph_fake_mode(gm.graph)
+    if call_values is None:
+        call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode, carry)
     # base output -> the node now standing for it. A module-boundary site's input was recorded
     # when targets were found; if it is an earlier site's output, its adapter reads the new one.
     replaced: dict[fx.Node, fx.Node] = {}
     done = 0
     for node in site_nodes:
         site = node.meta[SITE_KEY]
-        entry = adapters.entries.get(site.layer.name)
-        if entry is None:
+        found = emitter(site)
+        if found is None:
             continue
-        owner = storage[entry.name]  # where the program stores them (PEFT's key prefix)
-        params = {key: provide(owner, key, t) for key, t in entry.tensors.items()}
-        scale = provide(owner, SCALING_KEY, entry.scaling)
-        for key, provided in [*params.items(), (SCALING_KEY, scale)]:
-            set_mark(provided, INPUT, [entry.name, key])
-        for anchor, x, base_out, layer in _calls_of(node, site, entry.resolved.layer, replaced):
+        resolved_layer, emit = found
+        for anchor, x, base_out, layer in _calls_of(node, site, resolved_layer, replaced):
             builder = GraphBuilder(gm.graph, anchor, fake_mode)
             call_values.site, call_values.layer = anchor, site.layer.name
-            weight, bias = _weight_and_bias(gm, base_out, entry.variant.needs_base_weight)
+            weight, bias = _weight_and_bias(gm, base_out, needs_base_weight(site.layer.name))
             call = SiteCall(layer=layer, x=x, base_out=base_out, training=training, call_values=call_values,
                             needs_grad=needs_grad, weight=weight, bias=bias)
-            new_out = entry.variant.emit(builder, call, entry.resolved, adapters.cfg, params, scale)
+            new_out = emit(builder, call)
             created = set(builder.created)
             for n in created:
                 set_mark(n, ADAPTER, site.layer.name)

@@ -75,6 +75,21 @@ class Variant:
     fallback: bool = False  # True only for plain LoRA: asked last, claims every config
     needs_base_weight: bool = False  # True: `init_from_base` runs after `init` with the base weight
 
+    # Several named adapters at one site (`passes/inject_adapter_bank.py`):
+    zero_neutral: bool = False  # all-zero tensors and scaling leave the base output as it is
+
+    def pads_with_zeros(self, res: Resolved, cfg: LoraConfig) -> bool:
+        """Whether zero-padding this layer's tensors (a larger rank) leaves its output unchanged, so
+        adapters of different ranks can be stacked into one."""
+        return False
+
+    def emit_rows(self, b, site: SiteCall, res: Resolved, cfg: LoraConfig, banks: dict[str, fx.Node],
+                  scales: fx.Node, index: fx.Node) -> fx.Node | None:
+        """A mixed batch's output from stacked adapters: `banks[key]` is (adapters, *shape), `scales`
+        (adapters,), `index` one adapter per row of the batch (-1: none). None: no such form (every
+        adapter then runs its own `emit` and each row takes its own)."""
+        return None
+
     def baked(self, cfg: LoraConfig) -> str:
         """The config values this variant builds into graphs as constants (aLoRA's invocation
         tokens), as `field=value` text; an adapter loaded later must have the same ones."""

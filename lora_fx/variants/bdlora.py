@@ -90,6 +90,9 @@ class BdLoraVariant(LoraVariant):
     name = "bdlora"
     fallback = False
 
+    def pads_with_zeros(self, res: Resolved, cfg: LoraConfig) -> bool:
+        return False  # the rank is split into blocks: a larger rank moves every block's columns
+
     def claims(self, cfg: LoraConfig) -> bool:
         return cfg.use_bdlora is not None
 

@@ -53,6 +53,7 @@ class DoraVariant(LoraVariant):
     name = "dora"
     fallback = False
     needs_base_weight = True
+    zero_neutral = False  # a zero magnitude zeroes the output; an absent adapter's rows take the base output
 
     def claims(self, cfg: LoraConfig) -> bool:
         return bool(cfg.use_dora)

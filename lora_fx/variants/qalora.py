@@ -38,6 +38,9 @@ class QALoraVariant(LoraVariant):
     name = "qalora"
     fallback = False
 
+    def pads_with_zeros(self, res: Resolved, cfg: LoraConfig) -> bool:
+        return False  # A's width is in / group size: a padded width is another pooling, not zeros
+
     def claims(self, cfg: LoraConfig) -> bool:
         return bool(cfg.use_qalora)
 
