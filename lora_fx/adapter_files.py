@@ -74,7 +74,8 @@ def save_adapter(obj, path: str | os.PathLike, *, initial_adapter: str | os.Path
     if isinstance(obj, LoraBackend):
         obj.save_adapter(path, adapter_name)
         return
-    if is_named_program(obj):
+    record = getattr(obj, MERGED_ATTR, None)
+    if is_named_program(obj) or (record is not None and record.named is not None):
         _save_named(obj, path, adapter_name)
         return
     if adapter_name is not None:

@@ -302,6 +302,21 @@ class AdapterSet:
     def parameters(self) -> list[nn.Parameter]:
         return [t for _, t in self.named_parameters()]
 
+    def set_trainable(self, trainable: bool) -> None:
+        """Make the tensors the variant trains require grad (or none of them, `trainable=False`)."""
+        for entry in self.entries.values():
+            specs = entry.variant.tensors(entry.resolved, self.cfg)
+            for key, t in entry.tensors.items():
+                t.requires_grad_(trainable and specs[key].trainable)
+
+    def trainable_ids(self) -> set[int]:
+        """The ids of the tensors the variant trains (whether or not they are frozen now)."""
+        out = set()
+        for entry in self.entries.values():
+            specs = entry.variant.tensors(entry.resolved, self.cfg)
+            out.update(id(t) for key, t in entry.tensors.items() if specs[key].trainable)
+        return out
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under the keys `PeftModel.save_pretrained` writes, whole (sharded ones gathered:
         every process of their group must call this together).

@@ -157,8 +157,6 @@ class AttachedModel:
         self.refuse_if_merged("adding an adapter")
         self.named.check_new_name(name)
         self._create(name, adapters, pending)
-        for p in self.named[name].parameters():
-            p.requires_grad_(True)
 
     def delete_adapter(self, name: str) -> None:
         self.refuse_if_merged("delete_adapter")
@@ -219,9 +217,10 @@ class AttachedModel:
         adapters.check_savable()
         tensors = adapters.peft_state_dict()
         base = ModelWeights(self.model)
+        merged = set(self._originals or {}) | set(self._undo)  # the merged adapter's layers
         for layer in adapters.base_layers_to_save(adapters.entries):
             # While merged the model's weight holds the adapter: save the original.
-            weight = self._original_weight(layer) if self.merged else base.get(layer)
+            weight = self._original_weight(layer) if self.merged and layer in merged else base.get(layer)
             tensors[f"{PEFT_PREFIX}{layer}{BASE_LAYER_SUFFIX}"] = full_value(weight)
         if writes_files():
             write_adapter_dir(path, adapters.config_to_save(), tensors)
@@ -261,7 +260,7 @@ class AttachedModel:
         """Point the adapted `nn.Parameter`s at merged values (see `LoraBackend.merge`)."""
         if self.merged:
             raise LoraFxError("the adapters are already merged")
-        if self.named.selection.mode != "uniform":
+        if self.named.running.mode != "uniform":
             raise LoraFxError(f"merge folds one adapter into the weights, but {self._running()}; "
                               "set_adapter(name) first")
         check_mergeable(self.adapters)
@@ -316,7 +315,7 @@ class AttachedModel:
         self._set_merged(False)
 
     def _running(self) -> str:
-        sel = self.named.selection
+        sel = self.named.running
         if sel.mode == "base":
             return "the adapters are disabled"
         return f"each row runs its own adapter ({list(sel.names)})"

@@ -24,11 +24,11 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .adapters import PEFT_PREFIX, AdapterSet, base_weight_keys
 from .attached import AttachedModel, copy_into, layer_weights, submodule_or_none, unwrap
-from .call_inputs import user_input_names
+from .call_inputs import batch_input, user_input_names
 from .config import LoraConfig
 from .distributed import check_attachable, check_synchronised
 from .errors import LoraFxError, TargetNotFoundError, UnsupportedFeatureError
-from .graph_builder import copy_graph_module, graph_fake_mode, node_value
+from .graph_builder import copy_graph_module, fake_like, graph_fake_mode, node_value
 from .io import Spec, read_adapter_dir, read_spec, write_adapter_dir
 from .layers import without_wrappers
 from .named_adapters import NamedAdapters
@@ -54,7 +54,7 @@ from .passes.substitute_saved_modules import (
     select_saved_modules,
     substitute_saved_modules,
 )
-from .registration import ADAPTER_NAME
+from .registration import ADAPTER_NAME, in_model_name
 from .rules import effective_config, resolve
 
 
@@ -156,6 +156,7 @@ class LoraBackend:
             raise LoraFxError("this backend is already attached to another model; make one backend per model")
         self._attached = AttachedModel.attach(model, self, self.named, self._pending, self.adapter_dtype)
         self._pending = {}
+        self._train_active_only()
         self._carried.clear()
         return self
 
@@ -185,7 +186,20 @@ class LoraBackend:
         """`(name, tensor)` for the trainable adapter tensors, named as in PEFT's files without
         the `base_model.model.` prefix (`layers.0.q_proj.lora_A.weight`)."""
         self._follow_model()
-        return self.adapters.named_parameters()
+        if len(self.named) == 1:
+            return self.adapters.named_parameters()
+        return self._named_parameters_of_active()
+
+    def _named_parameters_of_active(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """With several adapters: the active ones' trainable tensors, named as in the model
+        (`q.lora_A.<adapter>.weight`, PEFT's in-model names)."""
+        for name in self.named.active:
+            adapters = self.named[name]
+            storage = adapters.storage_names()
+            for layer, entry in adapters.entries.items():
+                for key, t in entry.tensors.items():
+                    if t.requires_grad:
+                        yield in_model_name(storage[layer], key, name), t
 
     def model_state_keys(self) -> list[str]:
         """The keys of the adapters (and `modules_to_save` copies) in the attached model's
@@ -243,6 +257,7 @@ class LoraBackend:
         self._carried.clear()  # state between calls belongs to the sequences of the old adapter
         if self._attached is not None:
             self._attached.load_adapter(path, adapter_name)
+            self._train_active_only()
             return
         if adapter_name is not None and adapter_name not in self.named:
             raise LoraFxError("loading a new named adapter needs the model: attach it first with "
@@ -259,6 +274,7 @@ class LoraBackend:
         if not isinstance(config, LoraConfig):
             raise LoraFxError(f"add_adapter takes a LoraConfig, got {type(config).__name__}")
         self._attached.add_adapter(adapter_name, AdapterSet(config))
+        self._train_active_only()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs) -> None:
@@ -284,6 +300,7 @@ class LoraBackend:
         sources = [(self.named[n].cfg, self.named[n].peft_state_dict()) for n in adapters]
         cfg, tensors = add_weighted_adapter(sources, weights, combination_type, **kwargs)
         self._attached.add_adapter(adapter_name, AdapterSet(cfg), tensors)
+        self._train_active_only()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter that no row runs (its tensors leave the model; graphs over the remaining
@@ -315,29 +332,45 @@ class LoraBackend:
         if isinstance(adapter_name, str):
             self.named.set_uniform(adapter_name)
         else:
+            if self._attached is not None and self._attached.saved_paths and (
+                    None in adapter_name or "__base__" in adapter_name):
+                raise UnsupportedFeatureError(
+                    f"rows that run the base model need the original modules of modules_to_save "
+                    f"({self._attached.saved_paths}), and every row of a graph reads their trained copies; run the "
+                    "base rows in a batch of their own (with lora.disable_adapter())")
             self.named.set_rows(adapter_name)
+        self._train_active_only()
         self._carried.clear()
+
+    def _train_active_only(self) -> None:
+        """PEFT's rule: the adapters some row runs train, the others are frozen (an optimizer over the
+        model's trainable parameters then leaves them alone: no zero gradients, no weight decay)."""
+        if len(self.named) < 2:
+            return
+        for name, adapters in self.named.items():
+            adapters.set_trainable(name in self.named.active)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within the block the model runs without adapters (PEFT's `disable_adapter`); the
-        selection before it is restored after."""
+        """Within the block the model runs without adapters (PEFT's `disable_adapter`): the base
+        model, with the original modules of `modules_to_save`. The selection is kept (and runs again
+        after the block)."""
         if self._attached is not None:
             self._attached.refuse_if_merged("disable_adapter")
-        before = self.named.selection
-        self.named.set_base()
+        self.named.disabled += 1
         try:
             yield
         finally:
-            self.named.selection = before
+            self.named.disabled -= 1
 
-    def set_scale(self, factor: float) -> None:
-        """Multiply every layer's configured scaling by `factor` (0 disables the adapters; 1
-        restores the loaded adapter's own scaling)."""
+    def set_scale(self, factor: float, adapter_name: str | None = None) -> None:
+        """Multiply the configured scaling of every layer of `adapter_name` (None: of every adapter)
+        by `factor` (0 disables it; 1 restores the loaded adapter's own scaling)."""
         if self._attached is not None:
             self._attached.refuse_if_merged("set_scale")
-        for adapters in self.named.sets.values():
-            adapters.set_scale(factor)
+        names = list(self.named) if adapter_name is None else [self.named.check_name(adapter_name)]
+        for name in names:
+            self.named[name].set_scale(factor)
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, *, safe_merge: bool = False, keep_original: bool = True) -> None:
@@ -401,9 +434,11 @@ class LoraBackend:
         # Merged, the graph is Dynamo's own (the weights it reads hold merged values), reading the
         # copies of modules saved in full (modules_to_save) if there are any.
         def current_key():
-            sel = self.named.selection
-            if self.merged or sel.mode == "base":
-                return "plain"
+            sel = self.named.running
+            if self.merged:
+                return "merged"
+            if sel.mode == "base":
+                return "base"
             if len(self.named) == 1 and sel.mode == "uniform":
                 dropout = self.config.lora_dropout
                 training = self._model is not None and bool(self._model.training) and dropout > 0
@@ -417,7 +452,9 @@ class LoraBackend:
             self._follow_model(in_forward=True)  # the adapters the model holds now
             mode, renamed = key
             graph = graph or self._renamed(gm, renamed)  # each build rewrites a graph of its own
-            if mode == "plain":
+            if mode == "base":  # Dynamo's own graph: the base model (original modules_to_save too)
+                return self._compile(copy_graph_module(gm), list(inputs)), Feeds()
+            if mode == "merged":
                 if not saved_reads:  # Dynamo's own graph: its inputs keep their sources (symbolic floats)
                     return self._compile(copy_graph_module(gm), list(inputs)), Feeds()
                 return self._build_and_compile(graph, inputs, training=False, with_adapters=False)
@@ -551,9 +588,17 @@ class LoraBackend:
             last[0] = node
             return node
 
+        # Graphs over named adapters differentiate every adapter the variant trains, frozen or not:
+        # `set_adapter` freezes the adapters no row runs (PEFT's rule), and unfreezes them when they
+        # run again; the gradients of a frozen input are dropped by autograd (no `.grad`), so one
+        # graph serves every selection.
+        trainable = set().union(*(a.trainable_ids() for a in self.named.sets.values())) if mixed is not None else None
+
         def provide_named(adapter: str, owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
             if (adapter, owner, key) not in cache:
-                val = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else None
+                val = fake_like(fake_mode, tensor) if fake_mode is not None else None
+                if val is not None and trainable is not None and id(tensor) in trainable and torch.is_grad_enabled():
+                    val.requires_grad_(True)
                 prefix = "lora" if mixed is None else f"lora_{sanitize(adapter)}"
                 node = new_input(f"{prefix}_{sanitize(owner)}_{sanitize(key)}".lower(), val)
                 cache[adapter, owner, key] = node
@@ -561,7 +606,7 @@ class LoraBackend:
                 feeds.add(adapter, owner, key, tensor)
             return cache[adapter, owner, key]
 
-        active = self.named.selection.names[0] if mixed is None and with_adapters else None
+        active = self.named.running.names[0] if mixed is None and with_adapters else None
 
         def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
             return provide_named(active or ADAPTER_NAME, owner, key, tensor)
@@ -602,12 +647,14 @@ class LoraBackend:
                       for t in e.tensors.values())
         batch_of = None
         if mixed:
-            ordered = sorted(user_inputs.items(), key=lambda kv: kv[0] != "input_ids")
-            batch_of = next((node for _, node in ordered
-                             if isinstance(node_value(node), torch.Tensor) and node_value(node).dim() >= 1), None)
+            # The input with as many rows as names (`forward(gain, x)`: x), else the likeliest batch
+            # (then the names' count is refused against it below, naming both numbers).
+            examples = dict(zip(placeholders, example_inputs, strict=False))
+            batch_of = (batch_input(user_inputs, rows=len(self.named.running.names), examples=examples)
+                        or batch_input(user_inputs, examples=examples))
             if batch_of is None:
-                raise LoraFxError("set_adapter with one name per row needs a batched tensor input to the model; this "
-                                  f"graph's inputs are {sorted(user_inputs)}")
+                raise LoraFxError("set_adapter with one name per row needs a batched tensor input to the model; "
+                                  f"this graph's inputs are {sorted(user_inputs)}")
         like = node_value(batch_of) if batch_of is not None else None
         val = None
         fake = like if like is not None and is_fake(like) else None
@@ -808,9 +855,9 @@ class _IndexInput:
 
     def value(self, args) -> torch.Tensor:
         rows = args[self.batch_index].shape[0] if self.batch_index is not None else 0
-        key = (self.named.selection, rows, self.named.generation)
+        key = (self.named.running, rows, self.named.generation)
         if self._cache is None or self._cache[0] != key:
-            sel = self.named.selection
+            sel = self.named.running
             if (self.batch_index is None) != (sel.mode == "uniform"):
                 raise LoraFxError("internal: an adapter index built for another kind of selection")  # pragma: no cover
             self._cache = (key, self.named.row_index(rows, self.device))

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .errors import LoraFxError, UnsupportedFeatureError
-from .graph_builder import GraphBuilder
+from .graph_builder import GraphBuilder, node_value
 
 # Dynamo's sources of a frame's inputs: `L['x']`, `L['kwargs']['x']` (a `**kwargs` frame: the
 # module's `__call__`, a decorated `forward`), `L['args'][i]` (a `*args` frame).
@@ -74,6 +74,32 @@ def user_input_names(placeholders: list[fx.Node], user: set[str] | None = None,
             if 0 <= index < len(positional):
                 out.setdefault(positional[index], node)
     return out
+
+
+# The model inputs a batch is read from first, by name (transformers' conventions), as PEFT's
+# `adapter_names=` checks against them.
+BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def batch_input(user_inputs: dict[str, fx.Node], *, rows=None, examples: dict | None = None) -> fx.Node | None:
+    """The user input whose first dimension is the batch: `input_ids` (and the other names of
+    `BATCH_INPUTS`) first, then inputs of two or more dimensions, then 1-D ones, in graph order.
+    `rows`: the batch size the caller knows (a per-row list): only an input with that many rows
+    (by its example value in `examples`, else its fake value) qualifies."""
+    def value(node):
+        return (examples or {}).get(node, node_value(node))
+
+    def qualifies(node) -> bool:
+        v = value(node)
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return False
+        return rows is None or not isinstance(v.shape[0], int) or v.shape[0] == rows
+
+    named = [user_inputs[n] for n in BATCH_INPUTS if n in user_inputs]
+    rest = [n for n in user_inputs.values() if n not in named]
+    ordered = named + [n for n in rest if value(n) is not None and getattr(value(n), "dim", lambda: 0)() >= 2] + \
+        [n for n in rest if value(n) is not None and getattr(value(n), "dim", lambda: 0)() == 1]
+    return next((n for n in ordered if qualifies(n)), None)
 
 
 class CarriedState(Protocol):

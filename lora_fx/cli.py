@@ -108,12 +108,12 @@ def _check_args(args) -> None:
 
 def _named_adapters(values: list[str]) -> dict[str, str]:
     """`--adapter` values: one directory, or `name=dir` each (names unique)."""
-    if len(values) == 1 and "=" not in values[0]:
+    if len(values) == 1 and ("=" not in values[0] or os.path.isdir(values[0])):
         return {"default": values[0]}
     named = {}
     for value in values:
         name, sep, path = value.partition("=")
-        if not sep or not name:
+        if not sep or not name or os.sep in name:
             raise BakeError(f"--adapter {value!r}: with several adapters give each as name=dir")
         if name in named:
             raise BakeError(f"--adapter: the name {name!r} is given twice")
@@ -227,7 +227,8 @@ def bake(args) -> str:
             with _logits_only(model):
                 ep = torch.export.export(model, (ids,), dynamic_shapes=dynamic)
             step(3)
-            single = list(args.named) == ["default"] and "=" not in args.adapter[0]
+            single = len(args.adapter) == 1 and list(args.named) == ["default"] and args.named["default"] == \
+                args.adapter[0]
             program = transform(ep, args.named["default"] if single else args.named)
             if not args.unmerged:
                 program = merge(program, safe_merge=args.safe_merge)

@@ -88,6 +88,19 @@ def graph_fake_mode(graph: fx.Graph):
     return None
 
 
+def fake_like(fake_mode, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake of `tensor` in `fake_mode` with static shapes and `tensor`'s `requires_grad` as it is
+    now. Made afresh each time: `from_tensor` memoises per tensor, and a fake made while the tensor
+    was frozen would keep `requires_grad=False` after it trains again (AOTAutograd would then compute
+    no gradient for it: a graph built after `set_adapter` changed which adapters train)."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter):  # a subclass (DTensor): its own fake conversion
+        return fake_mode.from_tensor(tensor, static_shapes=True)
+    with fake_mode:
+        fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype,
+                                   device=tensor.device)
+    return fake.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() else fake
+
+
 class GraphBuilder:
     """Appends nodes after an anchor node, in program order, with metadata."""
 

@@ -27,7 +27,7 @@ from torch.export.graph_signature import ExportGraphSignature
 
 from .adapters import AdapterSet
 from .backend import LoraBackend
-from .errors import LoraFxError
+from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import attr_at, copy_graph_module, install_attr
 from .marks import INPUT, MERGED, clear_mark, get_mark, marked_layers
 from .named_adapters import NamedAdapters
@@ -104,6 +104,10 @@ def merge(obj, *, safe_merge: bool = False, keep_original: bool = True, adapter_
     if hasattr(obj, MERGED_ATTR):
         raise LoraFxError(f"this {type(obj).__name__} is already merged")
     if is_named_program(obj):
+        if not isinstance(obj, ExportedProgram):
+            raise UnsupportedFeatureError(
+                "merging one adapter of named adapters rewrites the program's inputs (adapter_index goes away): "
+                "merge the ExportedProgram (lora_fx.merge(program, adapter_name=...)), then take its .module()")
         return _merge_named_program(obj, adapter_name, safe_merge, keep_original)
     if adapter_name is not None:
         raise LoraFxError("adapter_name names one adapter of a program of named adapters (transform(ep, {name: ...})); "

@@ -26,6 +26,7 @@ from .adapters import AdapterSet
 from .errors import ConfigError, LoraFxError
 
 BASE_ROW = "__base__"  # a row that runs the base model (as `None`)
+_MODULE_ATTRIBUTES = frozenset(vars(torch.nn.Module()))  # `training`, `_parameters`, ...: instance attributes
 BASE_INDEX = -1
 
 
@@ -53,6 +54,7 @@ class NamedAdapters:
     def __init__(self):
         self.sets: dict[str, AdapterSet] = {}
         self.selection = Selection("base")
+        self.disabled = 0  # `disable_adapter` blocks open: the base model runs, the selection is kept
         self.generation = 0  # bumped whenever the table changes (graphs built for it are stale)
 
     # -- the table -----------------------------------------------------------------------------
@@ -88,7 +90,7 @@ class NamedAdapters:
         if not isinstance(name, str) or not name or name == BASE_ROW or "." in name:
             raise ConfigError(f"adapter name {name!r}: give a non-empty string without '.' (and not {BASE_ROW!r}, "
                               "which names the base model in a per-row list)")
-        if hasattr(torch.nn.Module, name):
+        if hasattr(torch.nn.Module, name) or name in _MODULE_ATTRIBUTES:
             raise ConfigError(f"adapter name {name!r} is an attribute of every torch module, and the adapters live in "
                               "the model as PEFT names them (`q.lora_A.<name>.weight`); choose another name")
         if name in self.sets:
@@ -103,8 +105,8 @@ class NamedAdapters:
         """
         self.check_name(name)
         if name in self.active:
-            raise LoraFxError(f"adapter {name!r} is active; set_adapter another one (or disable the adapters) before "
-                              "deleting it")
+            raise LoraFxError(f"adapter {name!r} is active (some row runs it, also after a disable_adapter block); "
+                              "set_adapter another one before deleting it")
         self.generation += 1
         return self.sets.pop(name)
 
@@ -122,8 +124,14 @@ class NamedAdapters:
     # -- what runs -------------------------------------------------------------------------------
     @property
     def active(self) -> list[str]:
-        """The adapters some row runs, in table order (PEFT's `active_adapters`)."""
+        """The adapters some row runs, in table order (PEFT's `active_adapters`; also while
+        disabled, when they run again afterwards)."""
         return [n for n in self.sets if n in self.selection.names]
+
+    @property
+    def running(self) -> Selection:
+        """What runs now: the selection, or the base model inside `disable_adapter`."""
+        return Selection("base") if self.disabled else self.selection
 
     def set_uniform(self, name: str) -> None:
         self.selection = Selection("uniform", (self.check_name(name),))
@@ -136,12 +144,9 @@ class NamedAdapters:
         rows = tuple(None if n in (None, BASE_ROW) else self.check_name(n) for n in names)
         self.selection = Selection("mixed", rows)
 
-    def set_base(self) -> None:
-        self.selection = Selection("base")
-
     def indices(self) -> list[int]:
         """The per-row indices of a mixed selection."""
-        return [self.position(n) for n in self.selection.names]
+        return [self.position(n) for n in self.running.names]
 
     def row_index(self, rows: int, device) -> torch.Tensor:
         """The index a graph reads now: 0-d for a uniform selection, one per row for a mixed one.
@@ -149,7 +154,7 @@ class NamedAdapters:
         Raises:
             LoraFxError: a per-row list whose length is not the batch's.
         """
-        sel = self.selection
+        sel = self.running
         if sel.mode == "uniform":
             return torch.tensor(self.position(sel.names[0]), dtype=torch.int64, device=device)
         if len(sel.names) != rows:

@@ -28,7 +28,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 
 from . import init_modes, variants
 from .adapters import SCALING_KEY, AdapterEntry, AdapterSet, storage_prefixes
-from .call_inputs import user_input_names
+from .call_inputs import batch_input, user_input_names
 from .config import LoraConfig
 from .errors import LoraFxError, UnsupportedFeatureError
 from .graph_builder import graph_fake_mode, node_value
@@ -146,13 +146,10 @@ def inject_named(ep: ExportedProgram, gm: fx.GraphModule, sig: ExportGraphSignat
 
 def _index_placeholder(graph: fx.Graph, user_inputs: dict[str, fx.Node], named: NamedAdapters, fake_mode) -> fx.Node:
     """The `adapter_index` user input, last of the placeholders (the last keyword argument); its
-    size is the batch's, symbolic where the batch is dynamic."""
-    ordered = sorted(user_inputs.items(), key=lambda kv: kv[0] != "input_ids")
-    like = next((node_value(n) for _, n in ordered
-                 if isinstance(node_value(n), torch.Tensor) and node_value(n).dim() >= 1), None)
-    if like is None:
-        raise LoraFxError("a program of named adapters takes one adapter per row of the batch, but this program has no "
-                          f"batched tensor input (its inputs: {sorted(user_inputs)})")
+    size is the batch's (`call_inputs.batch_input`: `input_ids` and the like first, then the first
+    input of two or more dimensions), symbolic where the batch is dynamic."""
+    batch_of = batch_input(user_inputs)
+    like = node_value(batch_of) if batch_of is not None else None
     device = next(t.device for _, aset in named.items() for e in aset.entries.values() for t in e.tensors.values())
     with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
         node = graph.placeholder(INDEX_INPUT)
@@ -192,17 +189,22 @@ def _program(ep: ExportedProgram, gm: fx.GraphModule, sig: ExportGraphSignature,
 # -- reading a named program back ------------------------------------------------------------------
 
 def is_named_program(obj) -> bool:
-    return isinstance(obj, ExportedProgram) and read_named_mark(obj.graph) is not None
+    """A program of named adapters (`transform(ep, {...})`), or a GraphModule copy of one (`.module()`)."""
+    return isinstance(obj, (ExportedProgram, fx.GraphModule)) and read_named_mark(obj.graph) is not None
 
 
-def named_adapters_of(ep: ExportedProgram, sites: list[fx.Node] | None = None) -> tuple[NamedAdapters, bool]:
-    """(the program's named adapters over its own tensors, whether dropout is compiled in).
+def named_adapters_of(ep, sites: list[fx.Node] | None = None) -> tuple[NamedAdapters, bool]:
+    """(the program's named adapters over its own tensors, whether dropout is compiled in); `ep` an
+    ExportedProgram or its `.module()` (whose attributes hold the same tensors under the same names).
 
     Raises:
         LoraFxError: the program's scalings disagree with its recorded configs.
     """
     recorded, train = read_named_mark(ep.graph)
-    state = {**ep.state_dict, **ep.constants}
+    if isinstance(ep, ExportedProgram):
+        state = {**ep.state_dict, **ep.constants}
+    else:
+        state = {**dict(ep.named_parameters(remove_duplicate=False)), **dict(ep.named_buffers(remove_duplicate=False))}
     found = {layer.name: layer for layer in _site_layers(sites if sites is not None else program_sites(ep))}
     layers = [name for name in marked_layers(ep.graph, OUTPUT) if name in found]
     prefixes = storage_prefixes(found[name] for name in layers)
@@ -226,7 +228,7 @@ def named_adapters_of(ep: ExportedProgram, sites: list[fx.Node] | None = None) -
     return named, train
 
 
-def record_named_config(ep: ExportedProgram, name: str, cfg: LoraConfig) -> None:
+def record_named_config(ep, name: str, cfg: LoraConfig) -> None:
     """Write `cfg` (newly loaded into adapter `name`) into the program's record."""
     recorded, train = read_named_mark(ep.graph)
     recorded[name] = cfg.to_peft_dict()

@@ -106,6 +106,39 @@ def test_bake_aoti_packages_run_in_a_fresh_process(model_and_adapter, tmp_path):
                                    rtol=1e-5, atol=tol)
 
 
+def test_bake_aoti_package_of_named_adapters(model_and_adapter, tmp_path):
+    """`--adapter a=DIR --adapter b=DIR`: one unmerged package, `adapter_index` choosing per row."""
+    root, ids, expected = model_and_adapter
+    out = tmp_path / "named.pt2"
+    assert _run("--model", root / "model", "--adapter", f"a={root / 'adapter'}", "--adapter",
+                f"b={root / 'adapter'}", "--format", "aoti", "--unmerged", "--out", out, "--static", "--seq-len",
+                ids.shape[1], "--batch", ids.shape[0]) == 0
+    run = torch._inductor.aoti_load_package(str(out))
+    from transformers import LlamaForCausalLM
+
+    with torch.no_grad():
+        base_out = LlamaForCausalLM.from_pretrained(root / "model").eval()(ids).logits
+        got = run(ids, adapter_index=torch.tensor([1, -1]))
+    tol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=tol)
+    torch.testing.assert_close(got[1], base_out[1], rtol=1e-5, atol=tol)
+
+
+def test_named_adapter_arguments_are_checked(model_and_adapter, tmp_path, capsys):
+    root, _, _ = model_and_adapter
+    adapter = root / "adapter"
+    common = ("--model", root / "model", "--out", tmp_path / "m.pt2", "--format", "aoti")
+    assert "use --format aoti --unmerged" in _bad(capsys, *common, "--adapter", f"a={adapter}", "--adapter",
+                                                  f"b={adapter}")
+    assert "give each as name=dir" in _bad(capsys, *common, "--unmerged", "--adapter", adapter, "--adapter",
+                                           f"b={adapter}")
+    assert "'a' is given twice" in _bad(capsys, *common, "--unmerged", "--adapter", f"a={adapter}", "--adapter",
+                                        f"a={adapter}")
+    assert "'/nope' is not a directory" in _bad(capsys, *common, "--unmerged", "--adapter", f"a={adapter}",
+                                                "--adapter", "b=/nope")
+    assert _leftovers(tmp_path) == []
+
+
 def test_entry_point_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "lora_fx", "bake", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--adapter" in proc.stdout

@@ -94,7 +94,7 @@ def test_each_adapter_and_mixed_rows_match_peft_with_no_recompiles(model_name, t
     assert lora.active_adapters == ["a", "b"]
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert", "convnet"])
+@pytest.mark.parametrize("model_name", ["gpt2", "bert", "convnet"])  # llama: the DoRA training test below
 def test_dora_mixed_rows_equal_each_row_run_alone(model_name, tmp_path):
     """PEFT cannot run DoRA in a mixed batch; each row must equal that row run with its own adapter
     (itself PEFT's output: compared here too) or the base model."""
@@ -197,7 +197,8 @@ def _count(gm, target) -> int:
 
 def test_graph_shape_of_uniform_and_mixed_graphs():
     """One index input; uniform: the adapters stacked (padded to the larger rank) and one selected,
-    then one adapter's matmuls; mixed: per-row gathered factors, two batched matmuls per site."""
+    then one adapter's matmuls; mixed: the shrink / expand ops where gradients flow, per-row gathered
+    factors and two batched matmuls per site in inference; an index range check."""
     torch.manual_seed(0)
     model = TwoLinears()
     graphs, inner = _capture()
@@ -208,8 +209,10 @@ def test_graph_shape_of_uniform_and_mixed_graphs():
     x = torch.randn(3, 5, 16)
     fast(x)
     lora.set_adapter(["b", None, "a"])
-    fast(x)
-    uniform, mixed = graphs
+    fast(x)  # with gradients: the shrink / expand ops
+    with torch.no_grad():
+        fast(x)  # inference: gathered factors, batched matmuls
+    uniform, mixed, mixed_inference = graphs
     for gm in graphs:
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         assert placeholders.count("lora_adapter_index") == 1
@@ -218,8 +221,13 @@ def test_graph_shape_of_uniform_and_mixed_graphs():
         assert _count(gm, aten.stack.default) == 3 * 3  # per site: A, B, scaling banks
         assert _count(gm, aten.constant_pad_nd.default) == 2  # v: a's rank-2 A and B padded to b's 4
         assert _count(gm, aten.where.self) == 0
-    assert _count(uniform, aten.bmm.default) == 0
-    assert _count(mixed, aten.bmm.default) == 2 * 3
+    for gm in (uniform, mixed):
+        assert _count(gm, aten.bmm.default) == 0
+    ops = torch.ops.lora_fx
+    assert _count(mixed, ops.lora_shrink.default) == _count(mixed, ops.lora_expand.default) == 3
+    assert _count(mixed_inference, aten.bmm.default) == 2 * 3
+    assert _count(mixed_inference, ops.lora_shrink.default) == 0
+    assert _count(mixed, aten._assert_async.msg) == _count(mixed_inference, aten._assert_async.msg) == 1
     expected = {}
     for name in ("a", "b"):
         lora.set_adapter(name)
@@ -347,7 +355,8 @@ def _export(base, x):
     return torch.export.export(base, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert", "convnet"])
+# Conv1D and Embedding (gpt2), Conv1d/2d/3d and Linear (convnet); Llama's Linear layers: the next tests.
+@pytest.mark.parametrize("model_name", ["gpt2", "convnet"])
 def test_program_of_named_adapters_matches_peft_at_any_batch_size(model_name, tmp_path):
     base, dir_a, dir_b, extract = _two_adapters(model_name, tmp_path)
     program = lora_fx.transform(_export(base, _batch(model_name)), {"a": dir_a, "b": dir_b})
@@ -460,10 +469,182 @@ def test_aoti_package_serves_named_adapters_and_takes_new_weights(tmp_path):
 def test_adapter_names_that_cannot_live_in_the_model_are_refused():
     model = TwoLinears()
     cfg = lora_fx.LoraConfig(r=2, target_modules=["q"])
-    for bad in ("half", "to", "a.b", "", "__base__"):
+    for bad in ("half", "to", "training", "_parameters", "a.b", "", "__base__"):
         with pytest.raises(ConfigError, match=repr(bad)):
             lora_fx.backend({bad: cfg})
     lora = lora_fx.backend(cfg).attach(model)
     with pytest.raises(ConfigError, match="'cuda'"):
         lora.add_adapter("cuda", cfg)
     assert lora.adapter_names == ["default"]
+
+
+# -- found in review: each of these gave a wrong number, a raw error or a half-changed state ----------
+
+def _lora_dirs(base, tmp_path, **targets):
+    out = {}
+    for i, (name, modules) in enumerate(targets.items()):
+        torch.manual_seed(10 + i)
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=2 + 2 * i, lora_alpha=4, target_modules=modules,
+                                                                  init_lora_weights=False))
+        peft.save_pretrained(tmp_path / name)
+        out[name] = tmp_path / name
+    return out
+
+
+def test_disable_adapter_runs_the_original_modules_to_save(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = TwoLinears().eval()
+    _, path = peft_adapter(base, tmp_path, "mts", r=2, target_modules=["q"], modules_to_save=["o"])
+    model = copy.deepcopy(base)
+    lora = lora_fx.backend(path, inner="aot_eager").attach(model)
+    fast = torch.compile(model, backend=lora)
+    x = torch.randn(3, 16)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    with torch.no_grad():
+        assert_close(fast(x), peft(x))
+        with lora.disable_adapter(), peft.disable_adapter():
+            assert torch.equal(fast(x), base(x))
+        assert_close(fast(x), peft(x), "after the block")
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match="modules_to_save"):
+        lora.set_adapter(["default", None, "default"])
+
+
+def test_inactive_adapters_are_frozen_and_an_optimizer_leaves_them_alone(tmp_path):
+    base = TwoLinears()
+    dirs = _lora_dirs(base, tmp_path, a=["q", "v"], b=["q"])
+    model = copy.deepcopy(base).train()
+    lora = lora_fx.backend(dirs, inner="aot_eager").attach(model)
+    fast = torch.compile(model, backend=lora)
+    x = torch.randn(3, 5, 16)
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable() == {"q.lora_A.a.weight", "q.lora_B.a.weight", "v.lora_A.a.weight", "v.lora_B.a.weight"}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    b_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".b." in n}
+    for _ in range(2):
+        opt.zero_grad()
+        fast(x).square().mean().backward()
+        opt.step()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".b." in n)
+    assert all(torch.equal(p, b_before[n]) for n, p in model.named_parameters() if ".b." in n)
+    lora.set_adapter("b")  # now b trains, a is frozen
+    assert trainable() == {"q.lora_A.b.weight", "q.lora_B.b.weight"}
+    model.zero_grad(set_to_none=True)
+    fast(x).square().mean().backward()
+    grads = {n: p.grad is not None for n, p in model.named_parameters() if "lora_" in n}
+    assert all(has == (".b." in n) for n, has in grads.items()), grads
+    lora.set_adapter(["a", "b", "a"])
+    assert len(trainable()) == 6
+
+
+def test_deleting_the_selected_adapter_inside_disable_adapter_is_refused(tmp_path):
+    base = TwoLinears()
+    lora = lora_fx.backend(_lora_dirs(base, tmp_path, a=["q"], b=["q"]), inner="aot_eager").attach(base)
+    lora.set_adapter("b")
+    with lora.disable_adapter(), pytest.raises(LoraFxError, match="'b' is active"):
+        lora.delete_adapter("b")
+    assert lora.adapter_names == ["a", "b"] and lora.active_adapters == ["b"]
+
+
+class Guided(TwoLinears):
+    """Classifier-free guidance: the batch concatenated with itself before `q`."""
+
+    def forward(self, x):
+        return self.o(torch.relu(self.q(torch.cat([x, torch.zeros_like(x)]))))[: x.shape[0]] + self.v(x)[..., :8]
+
+
+def test_rows_that_are_not_the_batch_are_refused_in_a_mixed_batch(tmp_path):
+    base = Guided()
+    lora = lora_fx.backend(_lora_dirs(base, tmp_path, a=["q", "v"], b=["q"]), inner="aot_eager").attach(base)
+    fast = torch.compile(base, backend=lora)
+    lora.set_adapter(["a", "b", None, "a"])
+    with raised_while_compiling(lora_fx.UnsupportedFeatureError, "q: its input has 8 leading rows where the batch"):
+        fast(torch.randn(4, 16))
+
+
+class GainFirst(TwoLinears):
+    def forward(self, gain, x):
+        return self.o(torch.relu(self.q(x)) * gain + self.v(x))
+
+
+def test_the_batch_is_found_among_inputs_that_are_not_first(tmp_path):
+    base = GainFirst().eval()
+    dirs = _lora_dirs(base, tmp_path, a=["q", "v"], b=["o"])
+    gain, x = torch.rand(16), torch.randn(4, 16)
+    model = copy.deepcopy(base)
+    lora = lora_fx.backend(dirs, inner="aot_eager").attach(model)
+    fast = torch.compile(model, backend=lora)
+    expected = {}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            lora.set_adapter(name)
+            expected[name] = fast(gain, x)
+        lora.set_adapter(["b", None, "a", "a"])
+        mixed = fast(gain, x)
+        with lora.disable_adapter():
+            expected[None] = fast(gain, x)
+    for i, name in enumerate(["b", None, "a", "a"]):
+        assert_close(mixed[i], expected[name][i], f"row {i}")
+    program = lora_fx.transform(torch.export.export(base, (gain, x), dynamic_shapes=(None, {0: torch.export.Dim.AUTO})),
+                                dirs)
+    x6 = torch.randn(6, 16)
+    with torch.no_grad():
+        out = program.module()(gain, x6, adapter_index=torch.tensor([0, 1, -1, 0, 1, -1]))
+    assert out.shape == (6, 8)
+
+
+def test_merged_named_program_and_module_copies_save_in_peft_layout(tmp_path):
+    base = TwoLinears().eval()
+    dirs = _lora_dirs(base, tmp_path, a=["q", "v"], b=["q"])
+    x = torch.randn(4, 16)
+    program = lora_fx.transform(_export(base, x), dirs)
+    merged = lora_fx.merge(program, adapter_name="b")
+    lora_fx.save_adapter(merged, tmp_path / "from_merged")
+    lora_fx.save_adapter(program, tmp_path / "from_program")
+    copy_ = program.module()
+    lora_fx.save_adapter(copy_, tmp_path / "from_module", adapter_name="b")
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        saved = load_file(tmp_path / "from_merged" / name / "adapter_model.safetensors")
+        again = load_file(tmp_path / "from_program" / name / "adapter_model.safetensors")
+        assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    assert (tmp_path / "from_module" / "b" / "adapter_model.safetensors").is_file()
+    lora_fx.load_adapter(copy_, dirs["b"], adapter_name="b")
+    with pytest.raises(lora_fx.UnsupportedFeatureError, match="merge the ExportedProgram"):
+        lora_fx.merge(copy_, adapter_name="a")
+
+
+def test_saving_while_one_adapter_is_merged_keeps_the_others_base_layers(tmp_path):
+    class WithHead(TwoLinears):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lm_head(super().forward(x))
+
+    base = WithHead()
+    dirs = _lora_dirs(base, tmp_path, a=["q"], b=["lm_head"])
+    model = copy.deepcopy(base)
+    lora = lora_fx.backend(dirs, inner="aot_eager").attach(model)
+    lora.set_adapter("a")
+    lora.merge()
+    lora.save_adapter(tmp_path / "saved")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "saved" / "b" / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.lm_head.base_layer.weight"], base.lm_head.weight)
+
+
+def test_cli_takes_a_single_adapter_path_with_an_equals_sign(tmp_path):
+    from lora_fx.cli import _named_adapters
+
+    path = tmp_path / "sweep" / "lr=1e-4"
+    path.mkdir(parents=True)
+    assert _named_adapters([str(path)]) == {"default": str(path)}
+    assert _named_adapters([f"a={path}", f"b={path}"]) == {"a": str(path), "b": str(path)}

@@ -67,6 +67,10 @@ class LayerKind:
     # library's own). Such kinds `parse` nothing (they return None); find_targets reads the
     # module's boundary.
     module_boundary: bool = False
+    # Its call reads the model's rows flattened with their tokens (a leading dimension of batch x
+    # tokens, each row's tokens together: transformers' Conv1D views its input as 2-D). Other kinds'
+    # leading dimension must be the batch itself for a mixed-adapter batch (`inject_adapter_bank`).
+    rows_flattened: bool = False
     # PEFT rounds the adapter's output to the base output's dtype before adding it (its bitsandbytes
     # layers), instead of adding in the wider dtype and rounding the sum once (its other layers).
     rounds_delta_first: bool = False

@@ -19,6 +19,7 @@ class HFConv1DKind(OutputColumnsLayout, LayerKind):
     name = "hf_conv1d"
     module_classes = ("transformers.pytorch_utils.Conv1D",)
     linear_family = True
+    rows_flattened = True
 
     def parse(self, node):
         t = node.target

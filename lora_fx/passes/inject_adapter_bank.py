@@ -16,9 +16,11 @@ Per site, the cheapest form the adapters there allow:
 - selected: otherwise, every adapter's own `emit`, and per row (or for the whole batch) the output
   of the adapter that runs there, the base output where none does. Any variant and site kind, at
   the cost of computing every adapter.
-A mixed batch needs the layer's rows to be the batch's: the site's leading dimension must be the
-batch or a multiple of it (a Conv1D's flattened tokens), as PEFT's `adapter_names` assumes; raw
-parameter sites have no rows and are refused.
+A mixed batch needs the layer's rows to be the batch's: the site's leading dimension must provably
+be the batch (or, for a kind that flattens each row's tokens together, `LayerKind.rows_flattened`:
+GPT-2's Conv1D, a multiple of it), as PEFT's `adapter_names` requires; anything else (a batch
+concatenated with itself) is refused, never guessed. Raw parameter sites have no rows and are
+refused.
 
 Invariants: those of `inject_adapters` (marks, untouched base call, metadata). Each provided input
 is marked `INPUT` with `[layer, key, adapter name]`.
@@ -30,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..adapters import SCALING_KEY, AdapterEntry
 from ..call_inputs import CarriedState
@@ -206,12 +209,20 @@ def _shape_list(b: GraphBuilder, node: fx.Node) -> list:
 
 
 def _check_rows(b: GraphBuilder, call: SiteCall, index: fx.Node) -> None:
-    """Refuse a site whose leading dimension is not the batch or a multiple of it (where shapes are known)."""
-    rows, val = _rows(b, index), node_value(call.base_out)
-    if isinstance(val, torch.Tensor) and type(rows) is int and type(val.shape[0]) is int and val.shape[0] % rows:
+    """Refuse a site whose leading dimension is not provably the batch (or, for a kind that flattens
+    each row's tokens together, a multiple of it): rows built otherwise (a batch concatenated with
+    itself, as classifier-free guidance does) would silently take other rows' adapters."""
+    val, rows = node_value(call.base_out), node_value(index)
+    if not isinstance(val, torch.Tensor) or not isinstance(rows, torch.Tensor):
+        return  # a graph without values: the reshape to [rows, -1] is checked when it runs
+    lead, batch = val.shape[0], rows.shape[0]
+    ok = (statically_known_true(lead % batch == 0) if call.layer.kind.rows_flattened
+          else statically_known_true(lead == batch))
+    if not ok:
         raise UnsupportedFeatureError(
-            f"{call.layer.name}: its output has {val.shape[0]} leading rows, not a multiple of the batch's {rows}, so "
-            "lora_fx cannot tell which adapter each of them belongs to in a mixed batch")
+            f"{call.layer.name}: its input has {lead} leading rows where the batch has {batch}, so lora_fx cannot "
+            "tell which adapter each of them belongs to in a mixed batch (PEFT's adapter_names refuses such "
+            "inputs too); run one adapter at a time, or leave this layer out of the adapters' targets")
 
 
 def _where_rows(b: GraphBuilder, chosen: fx.Node, new: fx.Node, old: fx.Node, rows) -> fx.Node:
