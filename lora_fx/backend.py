@@ -329,6 +329,7 @@ class LoraBackend:
         """
         if self._attached is not None:
             self._attached.refuse_if_merged("set_adapter")
+        before = self.named.active
         if isinstance(adapter_name, str):
             self.named.set_uniform(adapter_name)
         else:
@@ -339,7 +340,8 @@ class LoraBackend:
                     f"({self._attached.saved_paths}), and every row of a graph reads their trained copies; run the "
                     "base rows in a batch of their own (with lora.disable_adapter())")
             self.named.set_rows(adapter_name)
-        self._train_active_only()
+        if self.named.active != before:  # a serving loop switching per batch pays nothing here
+            self._train_active_only()
         self._carried.clear()
 
     def _train_active_only(self) -> None:
