@@ -124,3 +124,41 @@ def test_cpu_peak_bytes_counts_allocations_of_eager_and_compiled_calls():
     fn = torch.compile(lambda x: torch.relu(x @ w) @ w.t(), backend="inductor")
     fn(x)
     assert abs(peak_bytes(lambda: fn(x), "cpu") - 5 * mib) < 64 * 1024
+
+
+def test_many_adapters_table(tmp_path):
+    """bench/many_adapters.py end to end on a 1-layer smoke Llama, the prefill cell only (no decode
+    batches) and Dynamo's own eager backend, to stay under 30 s: the test is about the table, its
+    recompile counts and its Δ logits, not the times."""
+    from bench.many_adapters import main as many_adapters_main
+
+    out = tmp_path / "many.md"
+    table = many_adapters_main(["--smoke", "--layers", "1", "--batches", "", "--reps", "1", "--compiler", "eager",
+                                "--out", str(out)])
+    assert out.read_text() == table
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| cell",
+                                                                                                      "| variant",
+                                                                                                      "| max abs"))]
+    cells = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines)}
+    assert list(cells)[0] == "prefill, batch 2 x 16 tokens" and not list(cells)[1].startswith("decode")
+    for name in list(cells)[:1]:
+        base, *others = cells[name]
+        assert float(base) > 0 and len(others) == 7, cells[name]
+        assert all(re.fullmatch(r"[\d.]+ \([\d.]+x\)", c) for c in others[:5]), cells[name]
+        assert all(float(c) > 0 for c in others[5:]), cells[name]
+    assert re.search(r"^Goal \(lora_fx mixed forward <= 1.15x lora_fx single\): (met|NOT met) ", table, re.M)
+    variants = ("base", "lora_fx single", "lora_fx mixed", "lora_fx a alone", "PEFT single")
+    for name in variants:  # one graph per shape (PEFT single: +1 after PEFT's mixed call), none after warm-up
+        graphs, breaks, eager_frames, later = (int(c) for c in cells[name])
+        assert (graphs, breaks, eager_frames, later) == (2 if name == "PEFT single" else 1, 0, 0, 0), (name,
+                                                                                                      cells[name])
+    counts = re.search(r"lora.graphs_compiled = (\d+) after warm-up; .*: (\d+), (\d+) \(\+0\); after timing: (\d+)\.",
+                       table)
+    assert counts and len(set(counts.groups())) == 1, counts  # switching adapters compiles nothing
+    scale = float(re.search(r"PEFT mixed logits reach (\d[\d.e+-]*)", table).group(1))
+    from bench.many_adapters import DIFF_LABELS
+
+    for key in ("lora_fx single", "lora_fx mixed", "lora_fx mixed (2nd list)", "lora_fx a alone"):
+        label = DIFF_LABELS[key]
+        assert float(cells[label][0]) <= 1e-5 * scale, (label, cells[label])  # PEFT's logits, same selection
+    assert float(cells[DIFF_LABELS["base"]][0]) > 1e-2 * scale  # ... and the adapters change them
