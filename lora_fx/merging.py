@@ -159,18 +159,7 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
     check_untied(sites)
     record = MergeRecord(adapters.snapshot(), is_trained_program(ep),
                          originals={} if keep_original else None)
-    new_values = {}
-    for layer, calls in sites.items():
-        weight_key, bias_key = merged_names(calls[0], layer)
-        m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
-                         ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
-        changed = {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}
-        for key, value in changed.items():
-            new_values[key] = nn.Parameter(value, requires_grad=False)
-            if record.originals is not None:
-                record.originals[key] = ep.state_dict[key]
-        record.names[layer] = (weight_key, bias_key if m.bias is not None else None)
-        record.undo[layer] = (m.undo, m.bias is not None)
+    new_values = _merged_state(ep, adapters, sites, record, safe_merge)
     erased_specs = [s for s in sig.input_specs if getattr(s.arg, "name", None) in erased]
     input_specs = [s for s in sig.input_specs if s not in erased_specs]
     new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_repointed_outputs(gm.graph, sig))
@@ -186,13 +175,32 @@ def _merge_program(ep: ExportedProgram, safe_merge: bool, keep_original: bool) -
     return new_ep
 
 
-def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgram:
+def _merged_state(ep: ExportedProgram, adapters: AdapterSet, sites: dict[str, list[fx.Node]], record: MergeRecord,
+                  safe_merge: bool) -> dict[str, nn.Parameter]:
+    """The merged weights (and biases) of `sites`' layers under their state names, all computed (and
+    checked) before any is installed; `record` notes what unmerge needs."""
+    new_values = {}
+    for layer, calls in sites.items():
+        weight_key, bias_key = merged_names(calls[0], layer)
+        m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
+                         ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
+        changed = {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}
+        for key, value in changed.items():
+            new_values[key] = nn.Parameter(value, requires_grad=False)
+            if record.originals is not None:
+                record.originals[key] = ep.state_dict[key]
+        record.names[layer] = (weight_key, bias_key if m.bias is not None else None)
+        record.undo[layer] = (m.undo, m.bias is not None)
+    return new_values
+
+
+def _restored_state(ep: ExportedProgram, record: MergeRecord) -> dict[str, torch.Tensor]:
+    """The original weights (and biases) of a merged program's layers, under their state names: the
+    kept originals, else the merged values minus the adapter."""
     restored = {}
     for layer, (weight_key, bias_key) in record.names.items():
         if record.originals is not None:
-            restored[weight_key] = record.originals[weight_key]
-            if bias_key is not None:
-                restored[bias_key] = record.originals[bias_key]
+            restored.update({k: record.originals[k] for k in (weight_key, bias_key) if k is not None})
             continue
         undo, bias_changed = record.undo[layer]
         weight, bias = subtracted_layer(record.adapters.entries[layer], MergedLayer(
@@ -200,6 +208,11 @@ def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgra
         restored[weight_key] = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             restored[bias_key] = nn.Parameter(bias, requires_grad=False)
+    return restored
+
+
+def _unmerge_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgram:
+    restored = _restored_state(ep, record)
     return _transform_program(ep, record.adapters.cfg, None, record.train, None, adapters=record.adapters,
                               weights=restored)
 
@@ -221,17 +234,7 @@ def _merge_named_program(ep: ExportedProgram, adapter_name: str | None, safe_mer
     for name, aset in named.items():
         snapshot.add(name, aset.snapshot())
     record = MergeRecord(snapshot[adapter_name], train, originals={} if keep_original else None, named=snapshot)
-    new_values = {}
-    for layer in mine:
-        weight_key, bias_key = merged_names(sites[layer][0], layer)
-        m = merged_layer(adapters.entries[layer], ep.state_dict[weight_key],
-                         ep.state_dict[bias_key] if bias_key else None, safe_merge=safe_merge)
-        for key, value in {weight_key: m.weight, **({bias_key: m.bias} if m.bias is not None else {})}.items():
-            new_values[key] = nn.Parameter(value, requires_grad=False)
-            if record.originals is not None:
-                record.originals[key] = ep.state_dict[key]
-        record.names[layer] = (weight_key, bias_key if m.bias is not None else None)
-        record.undo[layer] = (m.undo, m.bias is not None)
+    new_values = _merged_state(ep, adapters, {layer: sites[layer] for layer in mine}, record, safe_merge)
     for node in gm.graph.nodes:  # layers only other adapters had are base calls again, not merged ones
         if get_mark(node, MERGED) is not None and get_mark(node, MERGED) not in mine:
             clear_mark(node, MERGED)
@@ -253,17 +256,7 @@ def _merge_named_program(ep: ExportedProgram, adapter_name: str | None, safe_mer
 
 
 def _unmerge_named_program(ep: ExportedProgram, record: MergeRecord) -> ExportedProgram:
-    restored = {}
-    for layer, (weight_key, bias_key) in record.names.items():
-        if record.originals is not None:
-            restored.update({k: record.originals[k] for k in (weight_key, bias_key) if k is not None})
-            continue
-        undo, bias_changed = record.undo[layer]
-        weight, bias = subtracted_layer(record.adapters.entries[layer], MergedLayer(
-            ep.state_dict[weight_key], ep.state_dict[bias_key] if bias_changed else None, undo))
-        restored[weight_key] = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            restored[bias_key] = nn.Parameter(bias, requires_grad=False)
+    restored = _restored_state(ep, record)
     gm, sig = _copy_program_graph(ep)
     for node in gm.graph.nodes:
         clear_mark(node, MERGED)
