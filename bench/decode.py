@@ -44,7 +44,17 @@ from collections.abc import Callable
 
 import torch
 
-from .harness import PRESETS, CountingBackend, Shape, environment, graph_breaks, llama, publish, synchronize
+from .harness import (
+    CountingBackend,
+    Shape,
+    add_llama_arguments,
+    environment,
+    graph_breaks,
+    llama,
+    llama_setup,
+    publish,
+    synchronize,
+)
 
 BATCHES = (1, 8, 32)
 VARIANTS = ("base", "PEFT", "lora_fx unmerged", "lora_fx merged")
@@ -229,31 +239,16 @@ def report(variants: list[Variant], cells: list[Cells], result: dict, shape: Sha
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the harness's shape presets: cpu (default), gpu (default when CUDA is available), smoke")
-    p.add_argument("--smoke", action="store_true", help="the smoke preset (tiny, aot_eager; the test suite)")
+    add_llama_arguments(p)
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes (comma-separated)")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count (compile time)")
-    p.add_argument("--compiler", default=None, help="Dynamo backend (default inductor; aot_eager with --smoke)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--cudagraphs", action="store_true", help="Inductor's CUDA graphs for every variant (CUDA only)")
-    p.add_argument("--out", default=None, help="also write the table to this file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    preset = "smoke" if args.smoke else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    shape = Shape(**PRESETS[preset])
-    if args.reps:
-        shape.reps = args.reps
-    if args.layers:
-        shape.layers = args.layers
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")
+    shape, compiler = llama_setup(args)
     batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
     variants, cells, result = run(shape, compiler, batches, args.cudagraphs)
     table = report(variants, cells, result, shape, compiler, "python -m bench.decode " + " ".join(argv),

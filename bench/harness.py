@@ -467,6 +467,32 @@ def report(rows: list[Row], shape: Shape, floors: Floors, scaling, command: str)
     return "\n".join(lines) + "\n"
 
 
+def add_llama_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the tables that run the preset's Llama (bench/decode.py, bench/many_adapters.py);
+    `llama_setup` reads them."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the harness's shape presets: cpu (default), gpu (default when CUDA is available), smoke")
+    p.add_argument("--smoke", action="store_true", help="the smoke preset (tiny, aot_eager; the test suite)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count (compile time)")
+    p.add_argument("--compiler", default=None, help="Dynamo backend (default inductor; aot_eager with --smoke)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+
+
+def llama_setup(args) -> tuple[Shape, str]:
+    """(shape, compiler) from `add_llama_arguments`' options; sets the thread count."""
+    preset = "smoke" if args.smoke else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    shape = Shape(**PRESETS[preset])
+    if args.reps:
+        shape.reps = args.reps
+    if args.layers:
+        shape.layers = args.layers
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return shape, args.compiler or ("aot_eager" if args.smoke else "inductor")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="shape preset (default: cpu, or gpu "

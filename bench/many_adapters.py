@@ -48,7 +48,18 @@ from collections.abc import Callable
 
 import torch
 
-from .harness import PRESETS, CountingBackend, Shape, environment, graph_breaks, llama, publish, synchronize, timed
+from .harness import (
+    CountingBackend,
+    Shape,
+    add_llama_arguments,
+    environment,
+    graph_breaks,
+    llama,
+    llama_setup,
+    publish,
+    synchronize,
+    timed,
+)
 
 BATCHES = (8, 32)
 NAMES = ("a", "b", "c", "d")
@@ -364,31 +375,16 @@ def report(result: dict, shape: Shape, compiler: str, command: str) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.many_adapters", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the harness's shape presets: cpu (default), gpu (default when CUDA is available), smoke")
-    p.add_argument("--smoke", action="store_true", help="the smoke preset (tiny, aot_eager; the test suite)")
+    add_llama_arguments(p)
     p.add_argument("--batches", default=None,
                    help="decode-shaped batch sizes (comma-separated; default 8,32; \"\" for none)")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count (compile time)")
-    p.add_argument("--compiler", default=None, help="Dynamo backend (default inductor; aot_eager with --smoke)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", default=None, help="also write the table to this file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    preset = "smoke" if args.smoke else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    shape = Shape(**PRESETS[preset])
-    if args.reps:
-        shape.reps = args.reps
-    if args.layers:
-        shape.layers = args.layers
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    compiler = args.compiler or ("aot_eager" if args.smoke else "inductor")
+    shape, compiler = llama_setup(args)
     batches = BATCHES if args.batches is None else tuple(int(b) for b in args.batches.split(",") if b.strip())
     result = run(shape, compiler, batches)
     table = report(result, shape, compiler, "python -m bench --many-adapters " + " ".join(argv))
