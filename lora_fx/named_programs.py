@@ -37,8 +37,14 @@ from .marks import CONFIG, INPUT, OUTPUT, config_mark, get_mark, marked_layers, 
 from .named_adapters import NamedAdapters
 from .passes.find_targets import find_targets, graph_base_weights, signature_parameters, signature_state_names
 from .passes.inject_adapter_bank import inject_adapter_bank
-from .passes.inject_adapters import sanitize
-from .program import _copy_program_graph, _make_adapters, _repointed_outputs, frozen, register_named_transform
+from .program import (
+    StateInputs,
+    _copy_program_graph,
+    _make_adapters,
+    _repointed_outputs,
+    frozen,
+    register_named_transform,
+)
 from .program_adapters import program_sites
 from .registration import in_model_name
 from .rules import resolve_layer
@@ -95,46 +101,28 @@ def inject_named(ep: ExportedProgram, gm: fx.GraphModule, sig: ExportGraphSignat
     if INDEX_INPUT in user:
         raise LoraFxError(f"the program already has an input named {INDEX_INPUT!r}, which lora_fx needs for the "
                           "adapter index of named adapters")
-    param_names = set(sig.inputs_to_parameters)
-    after_params = next((n for n in placeholders if n.name not in param_names), None)
-    first_user = next((n for n in placeholders if n.name in user), None)
-    new_specs: dict[str, InputSpec] = {}
-    state: dict[str, torch.Tensor] = {}
+    inputs = StateInputs(graph, sig, fake_mode)
     cache: dict[tuple[str, str, str], fx.Node] = {}
 
     def provide(adapter: str, owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
-        if (adapter, owner, key) in cache:
-            return cache[adapter, owner, key]
-        is_scale = key == SCALING_KEY
-        target = storage_key(owner, key, adapter)
-        before = after_params if not is_scale else first_user
-        name = (("b_" if is_scale else "p_") + sanitize(target)).lower()
-        if before is None:
-            with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
-                node = graph.placeholder(name)
-        else:
-            with graph.inserting_before(before):
-                node = graph.placeholder(name)
-        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-        kind = InputKind.BUFFER if is_scale else InputKind.PARAMETER
-        new_specs[node.name] = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=target,
-                                         persistent=True if is_scale else None)
-        state[target] = tensor
-        cache[adapter, owner, key] = node
-        return node
+        if (adapter, owner, key) not in cache:
+            cache[adapter, owner, key] = inputs.add(storage_key(owner, key, adapter), tensor,
+                                                    buffer=key == SCALING_KEY)
+        return cache[adapter, owner, key]
 
     user_inputs = user_input_names(placeholders, user)
     index = _index_placeholder(graph, user_inputs, named, fake_mode)
-    new_specs[index.name] = InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=index.name), target=None)
+    inputs.specs[index.name] = InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=index.name),
+                                         target=None)
     inject_adapter_bank(gm, site_nodes, named, provide, index, mixed=True, training=train, user_inputs=user_inputs,
                         needs_grad=train, recompile=False)
 
     old_specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
-    input_specs = [new_specs.get(n.name) or old_specs[n.name] for n in graph.nodes if n.op == "placeholder"]
+    input_specs = [inputs.specs.get(n.name) or old_specs[n.name] for n in graph.nodes if n.op == "placeholder"]
     new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_repointed_outputs(graph, sig))
     state_dict = {key: frozen(value) if isinstance(value, torch.nn.Parameter) else value
                   for key, value in {**ep.state_dict, **weights}.items()}
-    state_dict.update(state)
+    state_dict.update(inputs.state)
     example = ep.example_inputs
     if example is not None:
         args, kwargs = example

@@ -238,35 +238,13 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
 
     fake_mode = graph_fake_mode(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    param_names = set(sig.inputs_to_parameters)
-    after_params = next((n for n in placeholders if n.name not in param_names), None)
-    # New inputs go before it and never become it: found once, not per provided tensor.
-    first_user_input = _first_user_input(graph, sig)
-    new_specs: dict[str, InputSpec] = {}
-    state = {}
+    inputs = StateInputs(graph, sig, fake_mode)
     cache: dict[tuple[str, str], fx.Node] = {}
 
     def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
-        if (owner, key) in cache:
-            return cache[owner, key]
-        is_scale = key == SCALING_KEY
-        target = f"{owner}.{key}"
-        # Parameters precede buffers and user inputs; buffers precede user inputs.
-        before = after_params if not is_scale else first_user_input
-        prefix = "b_" if is_scale else "p_"
-        if before is None:
-            with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
-                node = graph.placeholder((prefix + sanitize(target)).lower())
-        else:
-            with graph.inserting_before(before):
-                node = graph.placeholder((prefix + sanitize(target)).lower())
-        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-        kind = InputKind.BUFFER if is_scale else InputKind.PARAMETER
-        new_specs[node.name] = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=target,
-                                         persistent=True if is_scale else None)
-        state[target] = tensor
-        cache[owner, key] = node
-        return node
+        if (owner, key) not in cache:
+            cache[owner, key] = inputs.add(f"{owner}.{key}", tensor, buffer=key == SCALING_KEY)
+        return cache[owner, key]
 
     user_inputs = user_input_names(placeholders, set(sig.user_inputs))
     # No code generated here: the ExportedProgram built below generates its own.
@@ -279,7 +257,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
     for node in graph.nodes:
         if node.op != "placeholder":
             continue
-        spec = new_specs.get(node.name) or old_specs.get(node.name)
+        spec = inputs.specs.get(node.name) or old_specs.get(node.name)
         if spec is None:
             raise LoraFxError(f"internal: placeholder {node.name!r} has no input spec")  # pragma: no cover
         input_specs.append(spec)
@@ -293,7 +271,7 @@ def _transform_program(ep: ExportedProgram, cfg, pending, train, adapter_dtype, 
                 cfg.bias == "lora_only" and leaf == "bias" and owner in adapters.entries)
             value = nn.Parameter(value.detach(), requires_grad=trainable)  # shares storage
         state_dict[key] = value
-    state_dict.update(state)
+    state_dict.update(inputs.state)
     return _new_program(ep, gm, new_sig, state_dict)
 
 
@@ -331,6 +309,40 @@ def _renamed_signature(sig: ExportGraphSignature, renamed: dict[str, str]) -> Ex
 
     return ExportGraphSignature(input_specs=[fix(s) for s in sig.input_specs],
                                 output_specs=[fix(s) for s in sig.output_specs])
+
+
+class StateInputs:
+    """New parameter and buffer inputs of a program being transformed: placeholders where the
+    signature requires them (parameters before buffers, buffers before user inputs and lifted
+    constants), their input specs, and the tensors for the new program's state."""
+
+    def __init__(self, graph: fx.Graph, sig: ExportGraphSignature, fake_mode):
+        self.graph, self.fake_mode = graph, fake_mode
+        param_names = set(sig.inputs_to_parameters)
+        # New inputs go before these and never become them: found once, not per provided tensor.
+        self.after_params = next((n for n in graph.nodes if n.op == "placeholder" and n.name not in param_names),
+                                 None)
+        self.first_user_input = _first_user_input(graph, sig)
+        self.specs: dict[str, InputSpec] = {}
+        self.state: dict[str, torch.Tensor] = {}
+
+    def add(self, target: str, tensor: torch.Tensor, *, buffer: bool) -> fx.Node:
+        """A placeholder reading `tensor` as the program's state `target` (a persistent buffer, or a
+        parameter)."""
+        before = self.first_user_input if buffer else self.after_params
+        name = (("b_" if buffer else "p_") + sanitize(target)).lower()
+        if before is None:
+            with self.graph.inserting_after([n for n in self.graph.nodes if n.op == "placeholder"][-1]):
+                node = self.graph.placeholder(name)
+        else:
+            with self.graph.inserting_before(before):
+                node = self.graph.placeholder(name)
+        node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
+        kind = InputKind.BUFFER if buffer else InputKind.PARAMETER
+        self.specs[node.name] = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=target,
+                                          persistent=True if buffer else None)
+        self.state[target] = tensor
+        return node
 
 
 def _first_user_input(graph: fx.Graph, sig: ExportGraphSignature):
