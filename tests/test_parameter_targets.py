@@ -247,3 +247,21 @@ def test_bf16_experts_with_a_rank_grouped_mm_cannot_take_are_padded(r, padded, t
     # bf16: PEFT builds W + s·B·A in bf16, lora_fx the factored form; the spread is the same at r=8.
     assert_close(out, expected, "logits", rel=2e-2)
     check_grads(params, peft_adapter_grads(peft_model), f"bf16 r={r}", rel=5e-2)
+
+
+@pytest.mark.parametrize("r", [2, 8])
+def test_bf16_experts_factored_form_runs_under_inductor(r, tmp_path):
+    # Inductor lays out the copy of B as (E, out, r) in the order it reads B (rank-major, experts
+    # innermost) unless pinned; aten._grouped_mm refuses those strides ("Invalid strides/sizes").
+    base = tiny_qwen3_moe().to(torch.bfloat16)
+    peft_model, path = peft_adapter(base, tmp_path, **{**CONFIGS["experts"], "r": r})
+    x = ids()
+    expected = forward_backward(peft_model, x, lambda o: o.logits.float())
+    model = copy.deepcopy(base)
+    lora = lora_fx.backend(path, inner="inductor")
+    lora.parameters(model)
+    params = dict(lora.named_parameters())
+    out = forward_backward(torch.compile(model, backend=lora, fullgraph=True), x, lambda o: o.logits.float())
+    assert lora.graphs_compiled == 1
+    assert_close(out, expected, "logits", rel=2e-2)
+    check_grads(params, peft_adapter_grads(peft_model), f"bf16 inductor r={r}", rel=5e-2)

@@ -155,7 +155,25 @@ class GroupedMMRead(ParameterKind):
             b3 = b.call(aten.constant_pad_nd.default, b3, [0, pad], 0.0)
         else:
             b3 = b.call(aten.clone.default, b3, memory_format=torch.contiguous_format)
+        b3 = _pinned_contiguous(b, b3)
         return self._same_op(b, h, b.call(aten.transpose.int, b3, -2, -1))
+
+
+def _pinned_contiguous(b, node: fx.Node) -> fx.Node:
+    """`node` (a fresh contiguous tensor: the pad's or clone's output) read through an `as_strided`
+    of its own contiguous strides. Inductor lays out a copy's output in the order of the tensor it
+    reads (here B's rank-major (out, r, E): experts innermost), and neither `clone(contiguous_format)`
+    nor the grouped matmul's lowering pins it; strides with experts innermost are neither row- nor
+    column-major per expert, and `aten._grouped_mm` refuses them ("Invalid strides/sizes").
+    Inductor keeps an `as_strided` input at its eager strides (graph.py's `as_strided_ops`)."""
+    shape = b.shape_of(node)
+    if shape is None:
+        return node
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.insert(0, step)
+        step *= size
+    return b.call(aten.as_strided.default, node, shape, strides, 0)
 
 
 def _rank_padding(b, layer, factor: fx.Node, rank_dim: int, dtype: torch.dtype) -> int:
