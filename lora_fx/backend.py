@@ -620,7 +620,7 @@ class LoraBackend:
         needs_grad = torch.is_grad_enabled() or not self.inference_form
         if with_adapters and mixed is None:
             inject_adapters(work, site_nodes, self.adapters, provide, training=training, user_inputs=user_inputs,
-                            needs_grad=needs_grad, carry=carry)
+                            needs_grad=needs_grad, carry=carry, mutable=True)
             carry.finish(graph)
         elif with_adapters:
             index = self._index_input(new_input, user_inputs, placeholders, example_inputs, values, feeds, mixed)

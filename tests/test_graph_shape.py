@@ -88,9 +88,49 @@ def test_backend_uses_the_inference_form_only_without_grad():
     with torch.no_grad():
         inference = fast(x)
     training = fast(x)
-    assert seen[0]["aten.addmm.default"] == 1 and "aten.add.Tensor" not in seen[0]
+    # Without grad, on the CPU: the adapter accumulates in place into the base output (lora_fx::addmm_,
+    # no out-of-place addmm, no add); exported programs keep the functional addmm (test above).
+    assert seen[0]["lora_fx.addmm_.default"] == 1 and "aten.add.Tensor" not in seen[0]
+    assert "aten.addmm.default" not in seen[0]
     assert seen[1]["aten.add.Tensor"] == 1 and "aten.addmm.default" not in seen[1]
+    assert "lora_fx.addmm_.default" not in seen[1]
     torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-6)
+
+
+class _TwoReaders(torch.nn.Module):
+    """The adapted linear's output read twice and through a view, and returned: the in-place
+    accumulation must be what every reader sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 12)
+        self.down = torch.nn.Linear(12, 4)
+
+    def forward(self, x):
+        y = self.up(x)
+        return self.down(torch.relu(y)) + y.view(*y.shape[:-1], 3, 4).sum(-2), y
+
+
+def test_inplace_inference_form_under_inductor_matches_the_training_form():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = _TwoReaders()
+    lora = lora_fx.backend(lora_fx.LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False),
+                           inner="inductor")
+    lora.parameters(model)
+    fast = torch.compile(model, backend=lora, fullgraph=True)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        inference, codes = run_and_get_code(fast, x)
+    training = fast(x)
+    for got, want in zip(inference, training, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    # Inductor re-inplaced the op onto the base GEMM's buffer: no out-of-place addmm for an adapter
+    # (the base linears with bias are addmm(bias, x, Wᵀ): 2 of them, as in the base model).
+    code = "\n".join(codes)
+    assert code.count("torch.ops.lora_fx.addmm_.default(buf") == 2
+    assert code.count("extern_kernels.addmm(") == 2
 
 
 def test_conv_and_embedding_and_conv1d_sites():

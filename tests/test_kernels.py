@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import lora_fx.kernels.ops  # noqa: F401  (registers the ops)
+import lora_fx.kernels.ops  # (registers the ops)
 from lora_fx.kernels import block_diag, dora
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -42,6 +42,28 @@ def test_opcheck_dora_norm():
     w, a, b = torch.randn(7, 9, generator=gen), torch.randn(3, 9, generator=gen), torch.randn(7, 3, generator=gen)
     args = ((w * w).sum(1), b, w @ a.t(), b @ (a @ a.t()), torch.tensor(2.0), 1e-12)
     opcheck(torch.ops.lora_fx.dora_norm.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_addmm_inplace_and_its_reference(dtype):
+    gen = torch.Generator().manual_seed(2)
+    y, h, bt = (torch.randn(s, generator=gen).to(dtype) for s in ((5, 7), (5, 3), (3, 7)))
+    opcheck(torch.ops.lora_fx.addmm_.default, (y.clone(), h, bt))
+    want = lora_fx.kernels.ops.addmm_reference(y, h, bt)
+    got = y.clone()
+    assert torch.ops.lora_fx.addmm_.default(got, h, bt) is None
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, y)  # it accumulated
+
+
+def test_addmm_inplace_names_the_shapes_that_do_not_multiply():
+    y, h, bt = torch.zeros(5, 7), torch.zeros(5, 3), torch.zeros(4, 7)
+    with pytest.raises(RuntimeError, match=r"y \(5, 7\) \+= h \(5, 3\) · bt \(4, 7\)"):
+        torch.ops.lora_fx.addmm_.default(y, h, bt)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (y, h, bt)]
+        with pytest.raises(RuntimeError, match="does not multiply"):
+            torch.ops.lora_fx.addmm_.default(*fakes)
 
 
 def test_compose_autograd_matches_the_reference_math():

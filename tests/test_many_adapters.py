@@ -195,6 +195,32 @@ def _count(gm, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.target == target)
 
 
+def test_selected_form_without_grad_never_accumulates_into_the_shared_base_output():
+    """Adapters that cannot be stacked (one has lora_bias) each read the same base output (the
+    selected form). Without grad a single adapter accumulates into its base output in place
+    (`lora_fx::addmm_`); here that would hand the second adapter the first one's sum. The inference
+    graphs must compute what the training-form graphs compute, for each selection."""
+    torch.manual_seed(0)
+    model = TwoLinears()
+    graphs, inner = _capture()
+    lora = lora_fx.backend({"a": lora_fx.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights=False),
+                            "b": lora_fx.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights=False,
+                                                    lora_bias=True)},
+                           inner=inner).attach(model)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_()
+    fast = torch.compile(model, backend=lora, fullgraph=True)
+    x = torch.randn(3, 5, 16)
+    for selection in ("a", "b", ["b", None, "a"]):
+        lora.set_adapter(selection)
+        with torch.no_grad():
+            inference = fast(x)
+        assert_close(inference, fast(x).detach())
+    assert graphs and all(_count(gm, torch.ops.lora_fx.addmm_.default) == 0 for gm in graphs)
+    assert any(_count(gm, aten.where.self) for gm in graphs)  # the selected form ran
+
+
 def test_graph_shape_of_uniform_and_mixed_graphs():
     """One index input; uniform: the adapters stacked (padded to the larger rank) and one selected,
     then one adapter's matmuls; mixed: the shrink / expand ops where gradients flow, per-row gathered

@@ -17,6 +17,9 @@
 - `gemm_4bit(...)`: bitsandbytes' `gemm_4bit` (same schema) with the gradient of its input, for
   QLoRA bases traced without gradients (see its section below; no Triton kernel: the compute is
   bitsandbytes').
+- `addmm_(Tensor(a!) y, Tensor h, Tensor bt) -> ()`: `y += h·bt` in place, LoRA's accumulation into the
+  base output in inference graphs on the CPU (its section below; ATen's GEMM is the kernel on every
+  device, no autograd: inference only).
 
 Each op: a Triton kernel through `triton_op` + `wrap_triton` (so Inductor sees inside it on CUDA),
 the pure-torch reference as its CPU kernel, a fake impl, and autograd (`dora_compose` through
@@ -223,3 +226,51 @@ def _gemm_4bit_backward(ctx, grad):
 
 
 gemm_4bit.register_autograd(_gemm_4bit_backward, setup_context=_gemm_4bit_setup)
+
+
+# -- addmm_ (in-place accumulation, inference graphs on the CPU) ---------------------------------
+# `y += h·bt` in place, for LoRA's inference form in the backend's (Dynamo) graphs on the CPU, where
+# the adapter's second GEMM accumulates into the base output. ATen's out-of-place `addmm` first copies
+# its accumulator into the result: one read and one write of an output-sized tensor per adapted
+# linear, ~7 % of a compiled Llama forward (docs/performance.md, issue 14 goal 1). In place, ATen's
+# CPU addmm skips that copy, and Inductor re-inplaces the functionalized op onto the base GEMM's own
+# buffer. The caller guarantees that nothing else reads `y` (`SiteCall.base_exclusive`).
+#
+# Defined through `torch.library.Library` with a plain Python kernel: the dispatcher calls it in ~5 us
+# where `custom_op`'s wrapper took ~20 us per call (measured: the gain is lost in the wrapper). The
+# kernel is ATen's own in-place GEMM on every device (MKL / cuBLAS): a Triton GEMM would be a
+# slower copy of it. No autograd formula: graphs that differentiate keep the out-of-place form, and
+# calling it on tensors that require grad raises autograd's "not implemented" error in backward.
+
+_LIB = torch.library.Library("lora_fx", "FRAGMENT")
+_LIB.define("addmm_(Tensor(a!) y, Tensor h, Tensor bt) -> ()")
+
+
+def addmm_reference(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """What `lora_fx::addmm_` leaves in `y` (out of place)."""
+    return y + h @ bt
+
+
+def _check_addmm_shapes(y, h, bt) -> None:
+    torch._check(y.dim() == 2 and h.dim() == 2 and bt.dim() == 2,
+                 lambda: f"lora_fx::addmm_: 2-D tensors expected, got y {tuple(y.shape)}, h {tuple(h.shape)}, "
+                         f"bt {tuple(bt.shape)}")
+    torch._check(h.shape[0] == y.shape[0] and h.shape[1] == bt.shape[0] and bt.shape[1] == y.shape[1],
+                 lambda: f"lora_fx::addmm_: y {tuple(y.shape)} += h {tuple(h.shape)} · bt {tuple(bt.shape)} "
+                         "does not multiply")
+    torch._check(y.dtype == h.dtype == bt.dtype,
+                 lambda: f"lora_fx::addmm_: one dtype expected, got y {y.dtype}, h {h.dtype}, bt {bt.dtype}")
+
+
+def _addmm_inplace(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> None:
+    _check_addmm_shapes(y, h, bt)
+    y.addmm_(h, bt)
+
+
+def _addmm_fake(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> None:
+    _check_addmm_shapes(y, h, bt)
+
+
+_LIB.impl("addmm_", _addmm_inplace, "CompositeExplicitAutograd")
+torch.library.register_fake("lora_fx::addmm_", _addmm_fake, lib=_LIB)
+addmm_ = torch.ops.lora_fx.addmm_.default

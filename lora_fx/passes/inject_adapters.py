@@ -38,10 +38,13 @@ Provide = Callable[[str, str, torch.Tensor], fx.Node]
 
 def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: AdapterSet, provide: Provide,
                     *, training: bool = False, user_inputs: dict[str, fx.Node] | None = None,
-                    needs_grad: bool = True, recompile: bool = True, carry: CarriedState | None = None) -> int:
+                    needs_grad: bool = True, recompile: bool = True, carry: CarriedState | None = None,
+                    mutable: bool = False) -> int:
     """Rewrite `gm` in place; return the number of sites adapted. `recompile=False` leaves `gm`'s
     code stale, for a caller that builds a new module over the graph anyway (an ExportedProgram).
-    `carry`: the route's state between calls (`call_inputs.CarriedState`), where it keeps one."""
+    `carry`: the route's state between calls (`call_inputs.CarriedState`), where it keeps one.
+    `mutable`: the graph may hold in-place ops (a Dynamo graph; never an exported program), so a
+    variant may accumulate into a base output it alone reads (`SiteCall.base_exclusive`)."""
     storage = adapters.storage_names()
 
     def inputs_of(entry):
@@ -62,7 +65,8 @@ def inject_adapters(gm: fx.GraphModule, site_nodes: list[fx.Node], adapters: Ada
 
     return rewrite_sites(gm, site_nodes, emitter, config_mark(adapters.cfg.to_peft_dict(), training),
                          training=training, user_inputs=user_inputs, needs_grad=needs_grad, recompile=recompile,
-                         carry=carry, needs_base_weight=lambda name: adapters.entries[name].variant.needs_base_weight)
+                         carry=carry, needs_base_weight=lambda name: adapters.entries[name].variant.needs_base_weight,
+                         mutable=mutable)
 
 
 # Per site: None (not adapted), or (the layer as resolved, a function emitting its new output).
@@ -72,10 +76,11 @@ Emitter = Callable[[object], "tuple[object, Callable[[GraphBuilder, SiteCall], f
 def rewrite_sites(gm: fx.GraphModule, site_nodes: list[fx.Node], emitter: Emitter, recorded: str, *,
                   training: bool, user_inputs: dict[str, fx.Node] | None, needs_grad: bool, recompile: bool,
                   carry: CarriedState | None, needs_base_weight: Callable[[str], bool],
-                  call_values: CallValues | None = None) -> int:
+                  call_values: CallValues | None = None, mutable: bool = False) -> int:
     """The site loop shared by the rewrites of this package (one adapter; several, `inject_adapter_bank`):
     for each site `emitter` adapts, emit the new output at every call of the site, mark the nodes and
-    point the base output's users at it. See the module docstring for the invariants."""
+    point the base output's users at it. `mutable`: one emit per site, in a graph that may hold
+    in-place ops (`SiteCall.base_exclusive`). See the module docstring for the invariants."""
     fake_mode = graph_fake_mode(gm.graph)
     if call_values is None:
         call_values = CallValues(gm.graph, dict(user_inputs or {}), fake_mode, carry)
@@ -94,7 +99,8 @@ def rewrite_sites(gm: fx.GraphModule, site_nodes: list[fx.Node], emitter: Emitte
             call_values.site, call_values.layer = anchor, site.layer.name
             weight, bias = _weight_and_bias(gm, base_out, needs_base_weight(site.layer.name))
             call = SiteCall(layer=layer, x=x, base_out=base_out, training=training, call_values=call_values,
-                            needs_grad=needs_grad, weight=weight, bias=bias)
+                            needs_grad=needs_grad, weight=weight, bias=bias,
+                            base_exclusive=mutable and _fresh_output(base_out))
             new_out = emit(builder, call)
             created = set(builder.created)
             for n in created:
@@ -134,6 +140,15 @@ def _calls_of(node: fx.Node, site, resolved_layer,
     while first_user not in node.users:
         first_user = first_user.next
     return [(first_user.prev, node, node, resolved_layer)]
+
+
+# Calls whose output is a new tensor, never a view of an input: an adapter may accumulate into it.
+_FRESH_OUTPUT = {torch._C._nn.linear, torch.nn.functional.linear, torch.addmm, torch.mm, torch.matmul,
+                 torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default}
+
+
+def _fresh_output(base_out: fx.Node) -> bool:
+    return base_out.op == "call_function" and base_out.target in _FRESH_OUTPUT
 
 
 def _weight_and_bias(gm: fx.GraphModule, node: fx.Node, needed: bool):

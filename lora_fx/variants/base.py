@@ -56,6 +56,10 @@ class SiteCall:
             inference-only form when False; both forms must compute the same values.
         weight, bias: the nodes the base call reads its weight and bias from (DoRA's norm and
             bias-free base output); `get_attr`s are added for `call_module` sites.
+        base_exclusive: whether `emit` may write its result into `base_out` in place: the graph
+            may mutate (a Dynamo graph, not an exported program), `base_out` is a fresh tensor (no
+            view of another) and this emit is its only reader once the site is rewritten. False
+            wherever several emits read the same base output (`inject_adapter_bank`).
     """
 
     layer: LayerInfo
@@ -66,6 +70,7 @@ class SiteCall:
     needs_grad: bool = True
     weight: fx.Node | None = None
     bias: fx.Node | None = None
+    base_exclusive: bool = False
 
 
 class Variant:

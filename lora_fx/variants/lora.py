@@ -176,10 +176,21 @@ class LoraVariant(Variant):
         return layer.kind.delta_weight(a, b, layer, weight.shape) * scaling
 
 
+# In place where `SiteCall.base_exclusive` allows it, on the CPU (`_accumulate_into_base`). A switch
+# for A/B runs (`python -m bench.site_forms --model`), read when a graph is built.
+INPLACE_ACCUMULATE = True
+
+
 def _accumulate_into_base(b, site: SiteCall, x, a, weight_b, scale):
     """Inference form: `addmm(base_out, s·(x Aᵀ), Bᵀ)` on 2-D views. The GEMM accumulates into the
     base output, so no output-sized delta is written and read again (measured: 1.13x -> 1.08x of
-    one adapted linear's base time on CPU; slower in training, hence inference only)."""
+    one adapted linear's base time on CPU; slower in training, hence inference only).
+
+    Where the site allows it (`SiteCall.base_exclusive`: a Dynamo graph, the base output read by
+    this site alone) and on the CPU, in place: `lora_fx::addmm_`. ATen's out-of-place CPU `addmm`
+    copies the base output into its result first, an output-sized pass; Inductor re-inplaces the
+    op onto the base GEMM's buffer (the whole forward: 0.98x the out-of-place one, docs/performance.md,
+    issue 14 goal 1). CUDA keeps the out-of-place form (unmeasured there)."""
     layer = site.layer
     x2 = b.call(aten.reshape.default, x, [-1, layer.in_features])
     h = b.call(aten.mm.default, x2, b.call(aten.t.default, a))
@@ -187,8 +198,18 @@ def _accumulate_into_base(b, site: SiteCall, x, a, weight_b, scale):
     out_shape = [d if type(d) is int else b.call(aten.sym_size.int, site.base_out, i)
                  for i, d in enumerate(b.shape_of(site.base_out))]
     y2 = b.call(aten.reshape.default, site.base_out, [-1, layer.out_features])
+    if INPLACE_ACCUMULATE and site.base_exclusive and _on_cpu(site.base_out):
+        # Nothing but this site reads the base output, so the GEMM may accumulate into it (were
+        # the reshape a copy, the copy is what is accumulated and returned).
+        b.call(torch.ops.lora_fx.addmm_.default, y2, h, b.call(aten.t.default, weight_b))
+        return b.call(aten.reshape.default, y2, out_shape)
     out2 = b.call(aten.addmm.default, y2, h, b.call(aten.t.default, weight_b))
     return b.call(aten.reshape.default, out2, out_shape)
+
+
+def _on_cpu(node) -> bool:
+    val = node_value(node)
+    return isinstance(val, torch.Tensor) and val.device.type == "cpu"
 
 
 def add_to_base(b, base_out, delta, out_dtype: torch.dtype, adapter_dtype: torch.dtype):
