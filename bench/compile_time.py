@@ -5,7 +5,9 @@ first forward + backward under `torch.compile` (Inductor), compiles included, im
 construction excluded. *Cold*: a new, empty Inductor cache directory. *Warm*: a second process on
 the cache directory the cold one filled (the FX graph cache and the AOTAutograd cache should then
 serve every graph). Variants: the plain model (full fine-tuning), lora_fx LoRA and DoRA (r=16,
-all-linear). Rounds are interleaved; the table gives medians and ratios to the plain model.
+all-linear). Rounds are interleaved; the table gives medians and ratios to the plain model, and the
+number of C++ kernels the cold process compiled (shared objects in the cache directory: Inductor's
+CPU cold compile is mostly gcc over those, deduplicated by source).
 
     python -m bench --compile-time 3
 """
@@ -62,23 +64,26 @@ def compile_time(rounds: int, hidden: int = 256, layers: int = 2, variants=VARIA
     cold: dict[str, list[float]] = {v: [] for v in variants}
     warm: dict[str, list[float]] = {v: [] for v in variants}
     caches: dict[str, dict] = {}
+    kernels: dict[str, int] = {}
     for _ in range(rounds):
         for v in variants:
             with tempfile.TemporaryDirectory(prefix="lora_fx-bench-cache-") as cache_dir:
                 s, _ = _run_child(v, cache_dir, hidden, layers)
                 cold[v].append(s)
+                kernels[v] = sum(name.endswith(".so") for _, _, names in os.walk(cache_dir) for name in names)
                 s, counters = _run_child(v, cache_dir, hidden, layers)
                 warm[v].append(s)
                 caches[v] = counters
     lines = [f"Compile time of the first training step (fwd+bwd, Inductor), fresh processes, Llama hidden {hidden}, "
              f"{layers} layers, r=16 all-linear; {rounds} interleaved rounds, medians",
-             "| variant | cold s | cold / plain | warm s | warm / plain | warm-process cache counters |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| variant | cold s | cold / plain | C++ kernels compiled cold | warm s | warm / plain | "
+             "warm-process cache counters |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for v in variants:
         c, w = statistics.median(cold[v]), statistics.median(warm[v])
         cp, wp = statistics.median(cold["plain"]), statistics.median(warm["plain"])
         counters = ", ".join(f"{k} {n}" for k, n in sorted(caches[v].items()) if k not in ("total", "ok"))
-        lines.append(f"| {v} | {c:.1f} | {c / cp:.2f} | {w:.1f} | {w / wp:.2f} | {counters} |")
+        lines.append(f"| {v} | {c:.1f} | {c / cp:.2f} | {kernels[v]} | {w:.1f} | {w / wp:.2f} | {counters} |")
     table = "\n".join(lines)
     print(table)
     return table
