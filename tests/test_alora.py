@@ -241,3 +241,31 @@ def test_other_layer_kinds_are_refused_and_loads_keep_the_invocation(reference, 
     lora_fx.save_adapter(lora_fx.transform(torch.export.export(base, (), {"input_ids": IDS}), other), other_dir)
     with pytest.raises(lora_fx.AdapterFileError, match=r"alora_invocation_tokens=\[9, 9\].*\[5, 6, 7\]"):
         lora_fx.load_adapter(program, other_dir)
+
+
+def test_alora_beside_a_plain_adapter_in_a_mixed_batch_equals_each_row_run_alone(reference, tmp_path):
+    """Named adapters: an aLoRA adapter (its mask from each row's own invocation) and a plain LoRA on
+    the same layers, rows mixed with base rows. Each row equals that row of the whole batch run with
+    its adapter alone, which for aLoRA equals PEFT."""
+    base, peft_model, path = reference
+    _, plain = peft_adapter(base, tmp_path, "plain", r=4, lora_alpha=8, target_modules=TARGETS,
+                            init_lora_weights=False, task_type="CAUSAL_LM")
+    model = copy.deepcopy(base)
+    lora = lora_fx.backend({"alora": path, "plain": plain}, inner="aot_eager").attach(model)
+    fast = torch.compile(model, backend=lora, fullgraph=True)
+    rows = ["alora", "plain", None, "alora"]
+    with torch.no_grad():
+        alone = {}
+        for name in ("alora", "plain"):
+            lora.set_adapter(name)
+            alone[name] = fast(IDS).logits
+        with lora.disable_adapter():
+            alone[None] = fast(IDS).logits
+        lora.set_adapter(rows)
+        mixed = fast(IDS).logits
+        assert_close(alone["alora"], peft_model(input_ids=IDS).logits)
+    for i, name in enumerate(rows):
+        assert_close(mixed[i], alone[name][i], f"row {i} ({name})")
+    # Row 0's invocation is mid-sequence: its tokens before it are the base model's, after it adapted.
+    assert (alone["alora"][0] - alone[None][0]).abs().amax(-1)[4:].min() > 1e-3
+    assert_close(alone["alora"][0, :3], alone[None][0, :3])

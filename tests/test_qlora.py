@@ -364,3 +364,36 @@ def test_quantization_statistics_are_not_parameter_targets(llama_dir):
     with raised_while_compiling(lora_fx.TargetNotFoundError, r"'quant_state.absmax' matches no parameter"):
         with torch.no_grad():
             torch.compile(model, backend=lora)(ids())
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
+def test_named_adapters_on_a_quantized_base_mixed_rows_equal_each_row_alone(quant, llama_dir, tmp_path):
+    """Two named adapters on a 4-bit / 8-bit base, one per row of a batch: the logits of each row
+    and each adapter's gradients equal those of its row run with that adapter alone (itself PEFT's,
+    checked for adapter "a")."""
+    peft_model, dir_a = peft_on(load(llama_dir, quant), tmp_path / "a", **CFG)
+    _, dir_b = peft_on(load(llama_dir, quant), tmp_path / "b", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model = load(llama_dir, quant).train()  # 8-bit layers train only on bitsandbytes' CPU training path
+    lora = lora_fx.backend({"a": dir_a, "b": dir_b}, inner="aot_eager").attach(model)
+    fast = torch.compile(model, backend=lora, fullgraph=True)
+    x = ids()
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}  # every adapter's, in-model names
+
+    def run(selection, batch):
+        lora.set_adapter(selection)
+        for p in params.values():
+            p.grad = None
+        out = fast(batch).logits
+        out.float().pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    mixed, mixed_grads = run(["a", "b"], x)
+    for row, name in enumerate("ab"):
+        alone, grads = run(name, x[row:row + 1])
+        assert_close(mixed[row], alone[0], f"{quant} row {row}")
+        assert grads and all(f".{name}." in n for n in grads)  # the other adapter is frozen
+        for n, g in grads.items():  # the mixed loss is the mean over both rows: half of a row's own
+            assert_close(mixed_grads[n] * 2, g, f"{quant}: grad of {n}", rel=1e-4)
+    expected = forward_backward(peft_model.train(), x[:1], lambda o: o.logits.float())
+    lora.set_adapter("a")
+    assert_close(fast(x[:1]).logits.detach().float(), expected, f"{quant} vs PEFT")
