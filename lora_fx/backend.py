@@ -608,6 +608,24 @@ class LoraBackend:
                 feeds.add(adapter, owner, key, tensor)
             return cache[adapter, owner, key]
 
+        def provide_selected(layer: str, key: str, members: dict[str, tuple[str, torch.Tensor]],
+                             shape: list[int]) -> fx.Node:
+            if ("*", layer, key) not in cache:
+                like = next(iter(members.values()))[1]
+                val = None
+                if fake_mode is not None:
+                    with fake_mode:
+                        val = torch.empty(shape, dtype=like.dtype, device=like.device)
+                    if torch.is_grad_enabled() and any(id(t) in trainable for _, t in members.values()):
+                        val.requires_grad_(True)
+                node = new_input(f"lora_selected_{sanitize(layer)}_{sanitize(key)}".lower(), val)
+                item = _SelectedInput(self.named, {name: (owner, key, t) for name, (owner, t) in members.items()},
+                                      shape, like)
+                cache["*", layer, key] = node
+                values[node] = item.value(example_inputs, resolved=False)
+                feeds.add_carried(item)
+            return cache["*", layer, key]
+
         active = self.named.running.names[0] if mixed is None and with_adapters else None
 
         def provide(owner: str, key: str, tensor: torch.Tensor) -> fx.Node:
@@ -625,7 +643,8 @@ class LoraBackend:
         elif with_adapters:
             index = self._index_input(new_input, user_inputs, placeholders, example_inputs, values, feeds, mixed)
             inject_adapter_bank(work, site_nodes, self.named, provide_named, index, mixed=mixed, training=training,
-                                user_inputs=user_inputs, needs_grad=needs_grad, carry=carry)
+                                user_inputs=user_inputs, needs_grad=needs_grad, carry=carry,
+                                provide_selected=provide_selected)
             carry.finish(graph)
         substitute_saved_modules(saved_reads, lambda m, n, inp: self.adapters.saved_copy(m, n, values[inp]),
                                  provide)
@@ -792,16 +811,16 @@ class Feeds:
     new value kept in, the backend's store: the graph returns it after the model's outputs."""
 
     def __init__(self):
-        self._items: list[tuple[str, str, str, torch.Tensor] | _CarriedInput | _IndexInput] = []
+        self._items: list[tuple[str, str, str, torch.Tensor] | _CarriedInput | _IndexInput | _SelectedInput] = []
         self._resolved_for: object = self  # no registration resolved yet (None is one: detached)
-        self._slots: list[tuple[dict, str] | _CarriedInput | _IndexInput] = []
+        self._slots: list[tuple[dict, str] | _CarriedInput | _IndexInput | _SelectedInput] = []
         self._carried_out: list[str] = []  # keys of the graph's extra outputs, in order
         self._store: dict[str, torch.Tensor] = {}
 
     def add(self, adapter: str, owner: str, key: str, tensor: torch.Tensor) -> None:
         self._items.append((adapter, owner, key, tensor))
 
-    def add_carried(self, item: _CarriedInput | _IndexInput) -> None:
+    def add_carried(self, item: _CarriedInput | _IndexInput | _SelectedInput) -> None:
         self._items.append(item)
         self._resolved_for = self
 
@@ -813,12 +832,15 @@ class Feeds:
         """The fed inputs' values for this call; `attached` (an `AttachedModel`, or None) says where
         each adapter tensor is registered."""
         if attached is not self._resolved_for:
-            self._slots = [item if isinstance(item, (_CarriedInput, _IndexInput)) else
-                           (attached.slot(*item[:3]) if attached is not None else None)
-                           or ({item[2]: item[3]}, item[2]) for item in self._items]
+            self._slots = []
+            for item in self._items:  # an adapter tensor (a tuple), or an input computed per call
+                if isinstance(item, tuple):
+                    self._slots.append(_slot(attached, *item))
+                else:
+                    item.resolve(attached)
+                    self._slots.append(item)
             self._resolved_for = attached
-        return [slot.value(args) if isinstance(slot, (_CarriedInput, _IndexInput)) else slot[0][slot[1]]
-                for slot in self._slots]
+        return [slot[0][slot[1]] if isinstance(slot, tuple) else slot.value(args) for slot in self._slots]
 
     def keep_carried(self, outputs):
         """The model's outputs, after storing the carried values the graph appended to them."""
@@ -830,6 +852,46 @@ class Feeds:
         return type(outputs)(outputs[:-n]) if isinstance(outputs, tuple) else outputs[:-n]
 
 
+def _slot(attached, adapter: str, owner: str, key: str, tensor: torch.Tensor) -> tuple[dict, str]:
+    """Where an adapter tensor is read at each call: its registration in the attached model, else
+    the tensor itself."""
+    return (attached.slot(adapter, owner, key) if attached is not None else None) or ({key: tensor}, key)
+
+
+class _SelectedInput:
+    """A graph input of one adapter for all rows (`inject_adapter_bank`'s `provide_selected`): the
+    running adapter's tensor for one layer and key, zero-padded to the widest adapter's shape there,
+    zeros where the running adapter has no such layer. Read, and padded, at each call (so new values
+    need nothing): the graph computes one adapter, not a stack of all of them. With gradients the pad
+    is an autograd op, so the adapter's own tensor gets its gradient."""
+
+    def __init__(self, named: NamedAdapters, members: dict[str, tuple[str, str, torch.Tensor]], shape: list[int],
+                 like: torch.Tensor):
+        self.named, self.members, self.shape = named, members, list(shape)
+        self.dtype, self.device = like.dtype, like.device
+        self._slots: dict[str, tuple[dict, str]] = {}
+        self._zeros: torch.Tensor | None = None
+
+    def resolve(self, attached) -> None:
+        self._slots = {name: _slot(attached, name, *member) for name, member in self.members.items()}
+
+    def value(self, args, resolved: bool = True) -> torch.Tensor:
+        name = self.named.running.names[0]
+        if resolved:
+            slot = self._slots.get(name)
+            tensor = slot[0][slot[1]] if slot is not None else None
+        else:  # while the graph is built
+            tensor = self.members[name][2] if name in self.members else None
+        if tensor is None:
+            if self._zeros is None:
+                self._zeros = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            return self._zeros
+        if list(tensor.shape) == self.shape:
+            return tensor
+        pad = [p for d in reversed(range(tensor.dim())) for p in (0, self.shape[d] - tensor.shape[d])]
+        return torch.nn.functional.pad(tensor, pad)
+
+
 @dataclass
 class _CarriedInput:
     """A carried graph input: the stored value if it fits this call's batch, else zeros."""
@@ -838,6 +900,9 @@ class _CarriedInput:
     batch_index: int  # the graph input whose first dimension is the batch
     store: dict[str, torch.Tensor]
     dtype: torch.dtype
+
+    def resolve(self, attached) -> None:
+        pass  # reads the backend's store, not the model
 
     def value(self, args) -> torch.Tensor:
         like = args[self.batch_index]
@@ -854,6 +919,9 @@ class _IndexInput:
     def __init__(self, named: NamedAdapters, batch_index: int | None, device: torch.device):
         self.named, self.batch_index, self.device = named, batch_index, device
         self._cache: tuple | None = None
+
+    def resolve(self, attached) -> None:
+        pass  # reads the selection, not the model
 
     def value(self, args) -> torch.Tensor:
         rows = args[self.batch_index].shape[0] if self.batch_index is not None else 0

@@ -222,9 +222,10 @@ def test_selected_form_without_grad_never_accumulates_into_the_shared_base_outpu
 
 
 def test_graph_shape_of_uniform_and_mixed_graphs():
-    """One index input; uniform: the adapters stacked (padded to the larger rank) and one selected,
-    then one adapter's matmuls; mixed: the shrink / expand ops where gradients flow, per-row gathered
-    factors and two batched matmuls per site in inference; an index range check."""
+    """One index input; uniform: one input per site and key, the running adapter's tensor (padded to
+    the larger rank outside the graph), then one adapter's matmuls, nothing stacked; mixed: the
+    adapters stacked (padded to the larger rank), the shrink / expand ops where gradients flow,
+    per-row gathered factors and two batched matmuls per site in inference; an index range check."""
     torch.manual_seed(0)
     model = TwoLinears()
     graphs, inner = _capture()
@@ -239,7 +240,12 @@ def test_graph_shape_of_uniform_and_mixed_graphs():
     with torch.no_grad():
         fast(x)  # inference: gathered factors, batched matmuls
     uniform, mixed, mixed_inference = graphs
-    for gm in graphs:
+    placeholders = [n.name for n in uniform.graph.nodes if n.op == "placeholder"]
+    assert sum(p.startswith("lora_selected_") for p in placeholders) == 3 * 3  # q, v, o: A, B, scaling
+    assert not any(p.startswith(("lora_a_", "lora_b_")) for p in placeholders)
+    assert _count(uniform, aten.stack.default) == _count(uniform, aten.constant_pad_nd.default) == 0
+    assert _count(uniform, aten.where.self) == _count(uniform, aten.index.Tensor) == 0
+    for gm in (mixed, mixed_inference):
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         assert placeholders.count("lora_adapter_index") == 1
         assert sum(p.startswith("lora_a_") for p in placeholders) == 2 * 2 + 2  # q, v: A, B; two scalings

@@ -11,8 +11,11 @@ Per site, the cheapest form the adapters there allow:
   tensors to a common shape changes nothing (`Variant.pads_with_zeros`; an adapter without this
   layer is a zero slot where the variant is `zero_neutral`): each tensor is padded, stacked and
   indexed. One adapter for all rows: the variant's own `emit` over the selected tensors, so the
-  work is one adapter's. A mixed batch: the variant's `emit_rows` (LoRA: per-row gathered factors
-  and batched matmuls), where it has one.
+  work is one adapter's; where the caller picks the running adapter at each call
+  (`provide_selected`, the backend), the graph's inputs are that adapter's tensors, padded outside
+  the graph, and nothing is stacked (stacking costs a copy of every adapter per call). A mixed
+  batch: the variant's `emit_rows` (LoRA: per-row gathered factors and batched matmuls), where it
+  has one.
 - selected: otherwise, every adapter's own `emit`, and per row (or for the whole batch) the output
   of the adapter that runs there, the base output where none does. Any variant and site kind, at
   the cost of computing every adapter.
@@ -47,15 +50,22 @@ aten = torch.ops.aten
 
 # (adapter name, owner, key, tensor) -> the graph input reading it
 BankProvide = Callable[[str, str, str, torch.Tensor], fx.Node]
+# (layer, key, {adapter name: (owner, tensor)}, the padded shape) -> the graph input reading, at each
+# call, the running adapter's tensor zero-padded to that shape (zeros where it has no such layer)
+SelectedProvide = Callable[[str, str, dict[str, tuple[str, torch.Tensor]], list[int]], fx.Node]
 
 
 def inject_adapter_bank(gm: fx.GraphModule, site_nodes: list[fx.Node], named: NamedAdapters, provide: BankProvide,
                         index: fx.Node, *, mixed: bool, training: bool = False,
                         user_inputs: dict[str, fx.Node] | None = None, needs_grad: bool = True,
-                        recompile: bool = True, carry: CarriedState | None = None) -> int:
+                        recompile: bool = True, carry: CarriedState | None = None,
+                        provide_selected: SelectedProvide | None = None) -> int:
     """Rewrite `gm` in place for every adapter of `named`; return the number of sites adapted.
 
-    `index` is the graph input choosing the adapter (0-d, or one per row when `mixed`)."""
+    `index` is the graph input choosing the adapter (0-d, or one per row when `mixed`).
+    `provide_selected` (one adapter for all rows, a caller that picks it at each call: the backend):
+    stackable sites read the running adapter's padded tensors from it, instead of stacking every
+    adapter's in the graph and indexing the stack, whose cost grows with the number of adapters."""
     storages = {name: aset.storage_names() for name, aset in named.items()}
     slots = list(named.items())
 
@@ -67,15 +77,28 @@ def inject_adapter_bank(gm: fx.GraphModule, site_nodes: list[fx.Node], named: Na
             set_mark(node, INPUT, [entry.name, key, name])
         return params, scale
 
+    def selected_of(present: list[_Slot]):
+        """The running adapter's tensors at this site, one input per key (padded to the widest)."""
+        layer = present[0].entry.name
+        out = {}
+        for key, t in [*present[0].entry.tensors.items(), (SCALING_KEY, present[0].entry.scaling)]:
+            members = {s.name: (storages[s.name][layer],
+                                s.entry.scaling if key == SCALING_KEY else s.entry.tensors[key]) for s in present}
+            shape = [max(m.shape[d] for _, m in members.values()) for d in range(t.dim())]
+            out[key] = provide_selected(layer, key, members, shape)
+            set_mark(out[key], INPUT, [layer, key, None])
+        scale = out.pop(SCALING_KEY)
+        return out, scale
+
     def emitter(site):
-        present = [_Slot(pos, name, aset.cfg, aset.entries[site.layer.name])
+        present = [_Slot(pos, name, aset.cfg, aset.entries[site.layer.name], inputs_of)
                    for pos, (name, aset) in enumerate(slots) if site.layer.name in aset.entries]
         if not present:
             return None
-        for slot in present:
-            slot.params, slot.scale = inputs_of(slot.name, slot.entry)
         widest = max(present, key=lambda s: s.entry.resolved.r)
-        return widest.entry.resolved.layer, lambda b, call: _emit(b, call, present, len(slots), index, mixed)
+        selected = selected_of if provide_selected is not None and not mixed else None
+        return widest.entry.resolved.layer, lambda b, call: _emit(b, call, present, len(slots), index, mixed,
+                                                                   selected)
 
     first = next(iter(named.sets.values()))
     recorded = config_mark(first.cfg.to_peft_dict(), training,
@@ -106,15 +129,30 @@ def _check_index(graph: fx.Graph, index: fx.Node, count: int) -> None:
 
 
 class _Slot:
-    """One adapter at one site: its position in the index, name, config, entry and input nodes."""
+    """One adapter at one site: its position in the index, name, config, entry and input nodes
+    (made when a form first reads them: a site fed the running adapter's tensors has none)."""
 
-    def __init__(self, pos: int, name: str, cfg, entry: AdapterEntry):
+    def __init__(self, pos: int, name: str, cfg, entry: AdapterEntry, inputs_of):
         self.pos, self.name, self.cfg, self.entry = pos, name, cfg, entry
-        self.params: dict[str, fx.Node] = {}
-        self.scale: fx.Node | None = None
+        self._inputs_of = inputs_of
+        self._inputs: tuple[dict[str, fx.Node], fx.Node] | None = None
+
+    def _made(self) -> tuple[dict[str, fx.Node], fx.Node]:
+        if self._inputs is None:
+            self._inputs = self._inputs_of(self.name, self.entry)
+        return self._inputs
+
+    @property
+    def params(self) -> dict[str, fx.Node]:
+        return self._made()[0]
+
+    @property
+    def scale(self) -> fx.Node:
+        return self._made()[1]
 
 
-def _emit(b: GraphBuilder, call: SiteCall, present: list[_Slot], count: int, index: fx.Node, mixed: bool):
+def _emit(b: GraphBuilder, call: SiteCall, present: list[_Slot], count: int, index: fx.Node, mixed: bool,
+          selected_of=None):
     layer = call.layer
     if mixed and layer.kind.targets_parameter:
         raise UnsupportedFeatureError(
@@ -124,6 +162,9 @@ def _emit(b: GraphBuilder, call: SiteCall, present: list[_Slot], count: int, ind
         _check_rows(b, call, index)
     if _stackable(present, count, call.training):
         head = max(present, key=lambda s: s.entry.resolved.r)
+        if selected_of is not None:  # one adapter, picked (and padded) outside the graph at each call
+            params, scale = selected_of(present)
+            return head.entry.variant.emit(b, call, head.entry.resolved, head.cfg, params, scale)
         params, scale = _stacked(b, present, count)
         if not mixed:
             picked = {key: b.call(aten.index.Tensor, bank, [index]) for key, bank in params.items()}
