@@ -84,6 +84,9 @@ def compile_time(rounds: int, hidden: int = 256, layers: int = 2, variants=VARIA
         cp, wp = statistics.median(cold["plain"]), statistics.median(warm["plain"])
         counters = ", ".join(f"{k} {n}" for k, n in sorted(caches[v].items()) if k not in ("total", "ok"))
         lines.append(f"| {v} | {c:.1f} | {c / cp:.2f} | {kernels[v]} | {w:.1f} | {w / wp:.2f} | {counters} |")
+    lines.append("")
+    lines.append("Per round (cold / warm s): " + "; ".join(
+        f"{v} " + ", ".join(f"{c:.1f}/{w:.1f}" for c, w in zip(cold[v], warm[v], strict=True)) for v in variants))
     table = "\n".join(lines)
     print(table)
     return table
