@@ -27,7 +27,16 @@ import sys
 
 import torch
 
-from .harness import CountingBackend, Row, graph_breaks, measure_interleaved, publish, synchronize, timed
+from .harness import (
+    CountingBackend,
+    Row,
+    graph_breaks,
+    lift_recompile_limits,
+    measure_interleaved,
+    publish,
+    synchronize,
+    timed,
+)
 
 PRESETS = {
     "cpu": dict(tokens=512, din=512, dout=1376, r=16, nblocks=2, reps=100, warmup=3, device="cpu",
@@ -183,10 +192,7 @@ def main(argv=None) -> str:
             setattr(s, name, getattr(args, name))
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = torch._dynamo.config  # every row compiles the same code objects for its own model
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, knob):
-            setattr(config, knob, max(getattr(config, knob), 64))
+    lift_recompile_limits(64)  # every row compiles the same code objects for its own model
     rows = make_rows(s)
     before = graph_breaks()
     measure_interleaved(rows, s.warmup, s.reps, s.device)

@@ -50,6 +50,7 @@ from .harness import (
     add_llama_arguments,
     environment,
     graph_breaks,
+    lift_recompile_limits,
     llama,
     llama_setup,
     publish,
@@ -154,10 +155,7 @@ def timed_call(cell: Cells, variant: Variant, index: int, cache_kw: str, device:
 
 def run(shape: Shape, compiler: str, batches=BATCHES, cudagraphs: bool = False) -> tuple[list, list[Cells], dict]:
     """Build, warm up, time. Returns (variants, cells, times[(cell label, variant name)] -> seconds list)."""
-    config = torch._dynamo.config  # every variant compiles the same transformers code objects, per shape
-    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, knob):
-            setattr(config, knob, max(getattr(config, knob), 256))
+    lift_recompile_limits(256)  # every variant compiles the same transformers code objects, per shape
     torch.manual_seed(0)
     base_model = llama(shape).eval()
     cache_kw = "cache" if "cache" in inspect.signature(type(base_model).forward).parameters else "past_key_values"

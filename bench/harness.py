@@ -99,6 +99,16 @@ class CountingBackend:
         return self.inner(gm, example_inputs)
 
 
+def lift_recompile_limits(at_least: int) -> None:
+    """Raise Dynamo's recompile limits (each name this torch has) to at least `at_least`: a table's
+    rows compile the same code objects, each for its own model, shape or lambda, and a row over the
+    limit would silently run uncompiled."""
+    config = torch._dynamo.config
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, knob):
+            setattr(config, knob, max(getattr(config, knob), at_least))
+
+
 def graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
@@ -559,10 +569,7 @@ def main(argv=None) -> str:
 
     # Every row compiles the same transformers code objects for its own model copy: lift Dynamo's
     # per-code-object recompile limit so late rows are not silently left uncompiled.
-    config = torch._dynamo.config
-    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, knob):
-            setattr(config, knob, max(getattr(config, knob), 256))
+    lift_recompile_limits(256)
     torch.manual_seed(0)
     base_model = llama(shape)
     rows = make_rows(base_model, shape, compiler, which, args.ablations, args.dora)

@@ -54,6 +54,7 @@ from .harness import (
     add_llama_arguments,
     environment,
     graph_breaks,
+    lift_recompile_limits,
     llama,
     llama_setup,
     publish,
@@ -241,10 +242,7 @@ def switching_rounds(lora, fast_call: Callable[[Cell], torch.Tensor], cells: lis
 
 
 def run(shape: Shape, compiler: str, batches=BATCHES) -> dict:
-    config = torch._dynamo.config  # every variant compiles the same transformers code objects, per shape
-    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, knob):
-            setattr(config, knob, max(getattr(config, knob), 256))
+    lift_recompile_limits(256)  # every variant compiles the same transformers code objects, per shape
     torch.manual_seed(0)
     base_model = llama(shape).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from .harness import CountingBackend, Row, graph_breaks, measure_interleaved, publish
+from .harness import CountingBackend, Row, graph_breaks, lift_recompile_limits, measure_interleaved, publish
 
 FORMS = ("gather", "op")
 
@@ -196,10 +196,7 @@ def main(argv=None) -> str:
             setattr(s, name, getattr(args, name))
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = torch._dynamo.config  # every row compiles its own lambda; shapes are static per row
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, knob):
-            setattr(config, knob, max(getattr(config, knob), 64))
+    lift_recompile_limits(64)  # every row compiles its own lambda; shapes are static per row
     rows = make_rows(s)
     before = graph_breaks()
     measure_interleaved(rows, s.warmup, s.reps, s.device)

@@ -45,7 +45,7 @@ from .passes.find_targets import (
     unmatched_layers,
     weight_node,
 )
-from .passes.inject_adapter_bank import inject_adapter_bank
+from .passes.inject_adapter_bank import inject_adapter_bank, zero_padding
 from .passes.inject_adapters import inject_adapters, sanitize
 from .passes.substitute_saved_modules import (
     SAVED_READS_KEY,
@@ -608,9 +608,11 @@ class LoraBackend:
                 feeds.add(adapter, owner, key, tensor)
             return cache[adapter, owner, key]
 
+        selected_cache: dict[tuple[str, str], fx.Node] = {}
+
         def provide_selected(layer: str, key: str, members: dict[str, tuple[str, torch.Tensor]],
                              shape: list[int]) -> fx.Node:
-            if ("*", layer, key) not in cache:
+            if (layer, key) not in selected_cache:
                 like = next(iter(members.values()))[1]
                 val = None
                 if fake_mode is not None:
@@ -621,10 +623,11 @@ class LoraBackend:
                 node = new_input(f"lora_selected_{sanitize(layer)}_{sanitize(key)}".lower(), val)
                 item = _SelectedInput(self.named, {name: (owner, key, t) for name, (owner, t) in members.items()},
                                       shape, like)
-                cache["*", layer, key] = node
-                values[node] = item.value(example_inputs, resolved=False)
+                selected_cache[layer, key] = node
+                item.resolve(None)  # the tensors themselves while building; `Feeds` resolves them again
+                values[node] = item.value(example_inputs)
                 feeds.add_carried(item)
-            return cache["*", layer, key]
+            return selected_cache[layer, key]
 
         active = self.named.running.names[0] if mixed is None and with_adapters else None
 
@@ -875,21 +878,16 @@ class _SelectedInput:
     def resolve(self, attached) -> None:
         self._slots = {name: _slot(attached, name, *member) for name, member in self.members.items()}
 
-    def value(self, args, resolved: bool = True) -> torch.Tensor:
-        name = self.named.running.names[0]
-        if resolved:
-            slot = self._slots.get(name)
-            tensor = slot[0][slot[1]] if slot is not None else None
-        else:  # while the graph is built
-            tensor = self.members[name][2] if name in self.members else None
+    def value(self, args) -> torch.Tensor:
+        slot = self._slots.get(self.named.running.names[0])
+        tensor = slot[0][slot[1]] if slot is not None else None
         if tensor is None:
             if self._zeros is None:
                 self._zeros = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
             return self._zeros
         if list(tensor.shape) == self.shape:
             return tensor
-        pad = [p for d in reversed(range(tensor.dim())) for p in (0, self.shape[d] - tensor.shape[d])]
-        return torch.nn.functional.pad(tensor, pad)
+        return torch.nn.functional.pad(tensor, zero_padding(list(tensor.shape), self.shape))
 
 
 @dataclass

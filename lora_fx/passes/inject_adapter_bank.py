@@ -81,11 +81,10 @@ def inject_adapter_bank(gm: fx.GraphModule, site_nodes: list[fx.Node], named: Na
         """The running adapter's tensors at this site, one input per key (padded to the widest)."""
         layer = present[0].entry.name
         out = {}
-        for key, t in [*present[0].entry.tensors.items(), (SCALING_KEY, present[0].entry.scaling)]:
+        for key in [*present[0].entry.tensors, SCALING_KEY]:
             members = {s.name: (storages[s.name][layer],
                                 s.entry.scaling if key == SCALING_KEY else s.entry.tensors[key]) for s in present}
-            shape = [max(m.shape[d] for _, m in members.values()) for d in range(t.dim())]
-            out[key] = provide_selected(layer, key, members, shape)
+            out[key] = provide_selected(layer, key, members, padded_shape([m for _, m in members.values()]))
             set_mark(out[key], INPUT, [layer, key, None])
         scale = out.pop(SCALING_KEY)
         return out, scale
@@ -203,7 +202,7 @@ def _stacked(b: GraphBuilder, present: list[_Slot], count: int) -> tuple[dict[st
     head = present[0]
     banks = {}
     for key, t in head.entry.tensors.items():
-        shape = [max(s.entry.tensors[key].shape[d] for s in present) for d in range(t.dim())]
+        shape = padded_shape([s.entry.tensors[key] for s in present])
         members = []
         for pos in range(count):
             slot = by_pos.get(pos)
@@ -213,14 +212,24 @@ def _stacked(b: GraphBuilder, present: list[_Slot], count: int) -> tuple[dict[st
             have = list(slot.entry.tensors[key].shape)
             node = slot.params[key]
             if have != shape:
-                pad = [p for d in reversed(range(t.dim())) for p in (0, shape[d] - have[d])]
-                node = b.call(aten.constant_pad_nd.default, node, pad, 0.0)
+                node = b.call(aten.constant_pad_nd.default, node, zero_padding(have, shape), 0.0)
             members.append(node)
         banks[key] = b.call(aten.stack.default, members, 0)
     scales = [by_pos[pos].scale if pos in by_pos else
               b.call(aten.zeros.default, [], dtype=torch.float32, device=head.entry.scaling.device)
               for pos in range(count)]
     return banks, b.call(aten.stack.default, scales, 0)
+
+
+def padded_shape(tensors: list[torch.Tensor]) -> list[int]:
+    """The shape every adapter's tensor at a site is padded to: the largest size in each dim."""
+    return [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+
+
+def zero_padding(have: list[int], want: list[int]) -> list[int]:
+    """`constant_pad_nd` / `F.pad` widths that pad `have` with zeros after its entries, up to `want`
+    (extra ranks at the end, where zeros leave the product unchanged)."""
+    return [p for d in reversed(range(len(have))) for p in (0, want[d] - have[d])]
 
 
 def _selected(b: GraphBuilder, call: SiteCall, present: list[_Slot], index: fx.Node, mixed: bool) -> fx.Node:
